@@ -1,0 +1,145 @@
+"""`TokenizerBackend`: encode batches of documents with a HF tokenizer dir, fast path via gigatoken when it agrees.
+
+gigatoken is a faster re-implementation of byte-level BPE. It is used only if, on a sample of the actual corpus,
+it produces exactly the ids of the reference `tokenizers` implementation; otherwise (or if it cannot load the
+tokenizer) we fall back to `tokenizers` and say why. Either way the ids are those of
+`tokenizers.Tokenizer.from_file(dir/tokenizer.json).encode(text, add_special_tokens=False)`.
+
+The env var DATA_PREP_BACKEND=gigatoken|tokenizers forces a backend (tests use it to compare the two); forcing
+gigatoken still runs the sample check and fails if the ids differ.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from data_prep.errors import DataError
+
+BACKENDS = ("gigatoken", "tokenizers")
+BACKEND_ENV = "DATA_PREP_BACKEND"
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"{directory}: no tokenizer.json; give a directory written by `python -m data_prep "
+                        "tokenizer` or a HuggingFace fast-tokenizer directory")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise DataError(f"{path}: cannot be loaded by tokenizers ({exc}); fix or regenerate the file") from None
+
+
+def _token_content(value) -> str | None:
+    # tokenizer_config.json stores special tokens as a string or as an AddedToken dict {"content": ...}.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def special_token_ids(directory: str | Path, tokenizer: Tokenizer) -> dict:
+    """{"eos_id", "bos_id", "pad_id"} from tokenizer_config.json / special_tokens_map.json. eos is required (it
+    separates documents in the shards); `<|endoftext|>` is the fallback eos when the config names none."""
+    directory = Path(directory)
+    names: dict[str, str | None] = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        path = directory / file
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DataError(f"{path}: not valid JSON ({exc}); fix or regenerate the file") from None
+            for key in ("eos_token", "bos_token", "pad_token"):
+                if _token_content(config.get(key)) is not None:
+                    names[key] = _token_content(config[key])
+    names.setdefault("eos_token", "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None)
+    ids = {}
+    for key in ("eos_token", "bos_token", "pad_token"):
+        name = names.get(key)
+        token_id = tokenizer.token_to_id(name) if name is not None else None
+        if name is not None and token_id is None:
+            raise DataError(f"{directory}: {key} {name!r} is not in the tokenizer's vocabulary; fix "
+                            "tokenizer_config.json")
+        ids[key.replace("_token", "_id")] = token_id
+    if ids["eos_id"] is None:
+        raise DataError(f"{directory}: the tokenizer has no eos_token (needed between documents); set eos_token in "
+                        "tokenizer_config.json")
+    return ids
+
+
+class TokenizerBackend:
+    """Encodes batches to (flat uint32 ids, per-document lengths). `name` is the backend in use and `reason` why."""
+
+    def __init__(self, directory: str | Path, sample_texts: Sequence[str] = (), backend: str | None = None):
+        self.directory = Path(directory)
+        self.tokenizer = load_tokenizer(directory)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_ids = special_token_ids(directory, self.tokenizer)
+        backend = backend or os.environ.get(BACKEND_ENV) or None
+        if backend is not None and backend not in BACKENDS:
+            raise DataError(f"{BACKEND_ENV}={backend!r}: unknown backend; use one of {', '.join(BACKENDS)}")
+        self._giga = None
+        if backend == "tokenizers":
+            self.name, self.reason = "tokenizers", f"forced by {BACKEND_ENV}"
+            return
+        self._giga, self.reason = self._try_gigatoken(sample_texts)
+        if self._giga is not None:
+            self.name = "gigatoken"
+        elif backend == "gigatoken":
+            raise DataError(f"{BACKEND_ENV}=gigatoken but gigatoken cannot be used: {self.reason}")
+        else:
+            self.name = "tokenizers"
+
+    def _try_gigatoken(self, sample_texts: Sequence[str]):
+        try:
+            import gigatoken  # optional fast path: imported here so a missing/broken install only means fallback
+
+            giga = gigatoken.Tokenizer(self.tokenizer)
+        except Exception as exc:
+            return None, f"gigatoken could not load this tokenizer ({type(exc).__name__}: {exc})"
+        sample = list(sample_texts)
+        if not sample:
+            return None, "no sample documents to check gigatoken against tokenizers"
+        flat, lengths = self._encode_gigatoken(giga, sample)
+        ref_flat, ref_lengths = self._encode_tokenizers(sample)
+        if not (np.array_equal(lengths, ref_lengths) and np.array_equal(flat, ref_flat)):
+            where = _first_mismatch(flat, lengths, ref_flat, ref_lengths)
+            return None, f"gigatoken ids differ from tokenizers on {where} of {len(sample)} sample documents"
+        return giga, f"gigatoken ids equal tokenizers ids on {len(sample)} sample documents"
+
+    @staticmethod
+    def _encode_gigatoken(giga, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        import awkward as ak  # gigatoken returns an awkward ragged array; awkward ships as its dependency
+
+        ragged = giga.encode_batch(list(texts))
+        flat = np.asarray(ak.flatten(ragged, axis=1), dtype=np.uint32)
+        return flat, np.asarray(ak.num(ragged, axis=1), dtype=np.int64)
+
+    def _encode_tokenizers(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.uint32,
+                           count=int(lengths.sum()))
+        return flat, lengths
+
+    def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint32 ids of all documents concatenated, int64 number of ids per document); no eos added."""
+        if self._giga is not None:
+            return self._encode_gigatoken(self._giga, texts)
+        return self._encode_tokenizers(texts)
+
+
+def _first_mismatch(flat, lengths, ref_flat, ref_lengths) -> str:
+    """'document i' for the first sample document whose ids differ (for the fallback message)."""
+    ends, ref_ends = np.cumsum(lengths), np.cumsum(ref_lengths)
+    for i in range(len(lengths)):  # runs once, over <= a few hundred sample documents, only on a mismatch
+        if not np.array_equal(flat[ends[i] - lengths[i]:ends[i]], ref_flat[ref_ends[i] - ref_lengths[i]:ref_ends[i]]):
+            return f"document {i}"
+    return "the sample"

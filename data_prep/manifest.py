@@ -1,0 +1,82 @@
+"""`manifest.json`: what a shard directory holds and which tokenizer made it; built, written and loaded here.
+
+The manifest is written last, atomically, after every shard is complete: a directory with a manifest is complete,
+one without is not (a crashed run). `tokenizer_fingerprint` lets training check that a tokenizer dir is the one
+the shards were made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from data_prep.errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def tokenizer_fingerprint(directory: str | Path) -> str:
+    """sha256 over the tokenizer dir's files, sorted by relative path (posix): for each file, its relative path
+    (UTF-8), a NUL byte, its size as 8 bytes little-endian, then its bytes. Any change to any file changes it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: tokenizer directory does not exist")
+    digest = hashlib.sha256()
+    files = sorted((p.relative_to(directory).as_posix(), p) for p in directory.rglob("*") if p.is_file())
+    for name, path in files:
+        data = path.read_bytes()
+        digest.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def build_manifest(*, tokenizer_dir: str | Path, vocab_size: int, special_ids: dict, backend: str, dtype: str,
+                   splits: dict[str, list[dict]], inputs: list[str], val_fraction: float, counts: dict) -> dict:
+    """The manifest dict; `splits` maps a split name to its ShardWriter.close() entries."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "record_kind": "text",
+        "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "fingerprint": tokenizer_fingerprint(tokenizer_dir),
+                      "vocab_size": int(vocab_size), "eos_id": special_ids["eos_id"],
+                      "bos_id": special_ids.get("bos_id"), "pad_id": special_ids.get("pad_id"), "backend": backend},
+        "dtype": dtype,
+        "splits": {name: {"num_tokens": sum(s["num_tokens"] for s in shards),
+                          "num_docs": sum(s["num_docs"] for s in shards), "shards": shards}
+                   for name, shards in splits.items()},
+        "inputs": list(inputs),
+        "val_fraction": float(val_fraction),
+        "counts": dict(counts),
+    }
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> Path:
+    """Write `manifest.json` via a temp file + fsync + rename, so readers never see a partial manifest."""
+    path = Path(directory) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(directory: str | Path) -> dict:
+    """The manifest of a shard directory; DataError (naming the file) if missing, unreadable or of another version."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: not found; is {directory} the --output of `python -m data_prep tokenize`, and did "
+                        "that run finish?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); re-run `python -m data_prep tokenize`") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path}: unknown format_version {version!r} (this code reads {FORMAT_VERSION}); re-run "
+                        "`python -m data_prep tokenize` with this version of data_prep")
+    return manifest

@@ -1,0 +1,1 @@
+"""Start a training run: builds and runs the `deepspeed` command for the ranks of this machine."""

@@ -1,0 +1,94 @@
+"""Run config: parsing, overrides, validation messages, and that every shipped recipe and preset parses."""
+
+from pathlib import Path
+
+import pytest
+
+from train import config, ds_config
+from train.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_load_applies_overrides_and_defaults_name_to_file_stem(tmp_path):
+    path = write(tmp_path, "data: {path: shards}\noptim: {lr: 1e-3}\ntrain: {max_steps: 10}\n")
+    cfg = config.load(path, ["train.max_steps=25", "model.hf_config={n_layer: 3}", "optim.betas=[0.8, 0.9]"])
+    assert cfg.run.name == "recipe"
+    assert cfg.train.max_steps == 25
+    assert cfg.optim.lr == 1e-3  # YAML reads 1e-3 as a string; numeric strings are accepted for floats
+    assert cfg.model.hf_config == {"n_layer": 3}
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.run_dir == Path("runs/recipe")
+
+
+def test_unknown_key_names_the_nearest_valid_one(tmp_path):
+    path = write(tmp_path, "data: {path: shards}\ntrain: {max_step: 10}\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value) == f"{path}: unknown key 'train.max_step'; did you mean 'train.max_steps'?"
+
+
+def test_unknown_section_and_override_typo(tmp_path):
+    path = write(tmp_path, "data: {path: shards}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer'; did you mean 'optim'\?"):
+        config.load(path, ["optimizer.lr=1"])
+    with pytest.raises(ConfigError, match=r"override 'train.max_steps': expected section.key=value"):
+        config.load(path, ["train.max_steps"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=0", "train.max_steps: must be >= 1, got 0"),
+    ("train.precision=fp8", "train.precision: must be bf16, fp16 or fp32, got 'fp8'"),
+    ("optim.min_lr=1.0", "optim.min_lr: must be in [0, optim.lr], got 1.0"),
+    ("run.resume=maybe", "run.resume: must be 'auto' or 'never', got 'maybe'"),
+    ("train.micro_batch_size=two", "train.micro_batch_size must be int, got str 'two'"),
+    ("data.path=''", "data.path: is required"),
+])
+def test_invalid_values_are_rejected_with_the_key(tmp_path, override, message):
+    path = write(tmp_path, "data: {path: shards}\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, [override])
+    assert message in str(err.value)
+
+
+def test_preset_may_not_set_injected_keys(tmp_path):
+    preset = tmp_path / "bad.json"
+    preset.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}')
+    with pytest.raises(ConfigError) as err:
+        ds_config.load_preset(preset)
+    assert str(err.value) == (f"{preset}: sets train_micro_batch_size_per_gpu, which come from the run config "
+                              "(train.* / optim.*); remove them from the preset")
+
+
+def test_batch_sizes_precision_and_clipping_are_injected_once(tmp_path):
+    path = write(tmp_path, "data: {path: shards}\ntrain: {micro_batch_size: 4, grad_accum_steps: 3, "
+                           "precision: bf16, deepspeed_config: ds_configs/zero3.json}\noptim: {grad_clip: 0.5}\n")
+    ds = ds_config.build(config.load(path), world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) \
+        == (4, 3, 24)
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["gradient_clipping"] == 0.5
+    assert ds_config.zero_stage(ds) == 3
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(recipe):
+    cfg = config.load(recipe)
+    ds_config.build(cfg, world_size=2)
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    assert ds_config.zero_stage(ds_config.load_preset(preset)) in (0, 1, 2, 3)
+
+
+def test_describe_documents_every_key():
+    text = config.describe()
+    for key in ("max_steps", "deepspeed_config", "seq_len", "warmup_steps", "resume", "hf_config"):
+        assert f"  {key} (default" in text

@@ -1,0 +1,1 @@
+"""Reparam training: one Trainer for every task, on DeepSpeed ZeRO."""

@@ -1,0 +1,226 @@
+"""Run configuration: typed dataclasses, loaded from YAML plus dotted `key=value` overrides.
+
+Every field carries its documentation in `metadata["doc"]` (`python -m train.main --help-config` prints them).
+Validation happens in `__post_init__` so a bad value fails before any process group or model exists. Unknown keys
+are an error that names the key and the nearest valid one, because a silently ignored typo (`max_step: 10`) costs a
+cluster allocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typing
+
+import yaml
+
+from train.errors import ConfigError
+
+
+def _field(default: Any, doc: str):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class RunConfig:
+    name: str = _field("", "Run name; the run directory is <output_dir>/<name>. Defaults to the config file's stem.")
+    output_dir: str = _field("runs", "Directory that holds one sub-directory per run.")
+    seed: int = _field(1234, "Seed for model init, data order and dropout (each rank offsets it by its rank).")
+    resume: str = _field("auto", "'auto': continue from the run directory's latest checkpoint if one exists; "
+                                 "'never': refuse to start if the run directory already has checkpoints.")
+
+    def __post_init__(self):
+        _require(self.resume in ("auto", "never"), "run.resume", f"must be 'auto' or 'never', got {self.resume!r}")
+        _require(bool(self.output_dir), "run.output_dir", "must not be empty")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = _field("gpt2", "transformers model type built with AutoModelForCausalLM.from_config "
+                                     "(gpt2, llama, ...).")
+    hf_config: dict = _field({}, "Keyword arguments for the transformers config (n_layer, n_embd, ...). "
+                                 "vocab_size and eos/bos ids are taken from the data manifest unless set here.")
+    activation_checkpointing: bool = _field(True, "Recompute activations in the backward pass to save memory.")
+
+    def __post_init__(self):
+        _require(isinstance(self.hf_config, dict), "model.hf_config", "must be a mapping of config keys")
+
+
+@dataclass
+class DataConfig:
+    path: str = _field("", "Directory written by `python -m data_prep tokenize` (holds manifest.json).")
+    seq_len: int = _field(512, "Tokens per training sequence; shards are cut into windows of this length.")
+    train_split: str = _field("train", "Split of the manifest used for training.")
+    val_split: str = _field("val", "Split used for validation loss; empty string disables validation.")
+
+    def __post_init__(self):
+        _require(bool(self.path), "data.path", "is required: the output directory of `python -m data_prep tokenize`")
+        _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _field(3e-4, "Peak learning rate, reached after warmup_steps.")
+    min_lr: float = _field(3e-5, "Learning rate at the end of the cosine decay.")
+    warmup_steps: int = _field(100, "Optimizer steps of linear warmup from 0 to lr.")
+    weight_decay: float = _field(0.1, "AdamW weight decay, applied to matrices only (not biases, norms, embeddings).")
+    betas: list = _field([0.9, 0.95], "AdamW betas.")
+    eps: float = _field(1e-8, "AdamW epsilon.")
+    grad_clip: float = _field(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                 f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _field(1000, "Optimizer steps to train for.")
+    micro_batch_size: int = _field(8, "Sequences per rank per forward/backward pass.")
+    grad_accum_steps: int = _field(1, "Micro-batches accumulated per optimizer step. "
+                                      "Global batch = micro_batch_size * grad_accum_steps * world size.")
+    precision: str = _field("bf16", "bf16, fp16 or fp32.")
+    deepspeed_config: str = _field("ds_configs/zero2.json", "ZeRO preset from ds_configs/; batch sizes, precision "
+                                                            "and clipping are injected from this run config.")
+    log_every: int = _field(10, "Optimizer steps between log lines / TensorBoard points.")
+    eval_every: int = _field(100, "Optimizer steps between validation passes; 0 evaluates only at the end.")
+    eval_batches: int = _field(20, "Micro-batches per rank in one validation pass.")
+    save_every: int = _field(500, "Optimizer steps between checkpoints; a checkpoint is always written at the end.")
+
+    def __post_init__(self):
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches"):
+            _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "save_every"):
+            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _require(self.precision in ("bf16", "fp16", "fp32"), "train.precision",
+                 f"must be bf16, fp16 or fp32, got {self.precision!r}")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved config; recorded in checkpoints and the run summary."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SECTION_CLASSES = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+                    "train": TrainConfig}
+
+def _unknown_key(source: str, key: str, valid: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{source}: unknown key '{key}'{suggestion}")
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `section.key=value` (value parsed as YAML) to the raw nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}': expected section.key=value, e.g. train.max_steps=100")
+    dotted, value = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"override '{override}': expected section.key=value, e.g. train.max_steps=100")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _coerce(source: str, key: str, value: Any, expected: type) -> Any:
+    """Check a value's type. YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`), so numeric strings are
+    accepted for float fields instead of failing later with a confusing comparison error."""
+    if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif expected is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """Build and validate a Config; every key must be known."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(_SECTION_CLASSES)})")
+    sections = {}
+    for name, values in raw.items():
+        if name not in _SECTION_CLASSES:
+            raise _unknown_key(source, name, list(_SECTION_CLASSES))
+        cls = _SECTION_CLASSES[name]
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(values).__name__}")
+        types = typing.get_type_hints(cls)
+        for key in values:
+            if key not in types:
+                raise _unknown_key(source, f"{name}.{key}", _all_keys())
+        sections[name] = cls(**{key: _coerce(source, f"{name}.{key}", value, types[key])
+                                for key, value in values.items()})
+    return Config(**sections)
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML run config, apply overrides, validate. The run name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for override in overrides:
+        apply_override(raw, override)
+    raw.setdefault("run", {})
+    if isinstance(raw["run"], dict) and not raw["run"].get("name"):
+        raw["run"]["name"] = path.stem
+    return from_dict(raw, source=str(path))
+
+
+def describe() -> str:
+    """Every key with its default and documentation, for --help-config."""
+    lines = []
+    for section, cls in _SECTION_CLASSES.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} (default {default!r}): {f.metadata['doc']}")
+    return "\n".join(lines)

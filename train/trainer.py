@@ -1,0 +1,219 @@
+"""The one training loop: build everything from a Config, train, evaluate, checkpoint, resume.
+
+Each stateful part owns its state (`GlobalBatchSampler`, the DeepSpeed engine, per-rank RNG, the counters here);
+`Checkpointer` gathers them. The loop never reads a loss back to the host except at log and eval points, so the
+step itself does not wait on a device sync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_prep.shards import ShardSet
+from train import ds_config as ds_config_lib
+from train import faults
+from train.checkpoint import Checkpointer, write_atomic
+from train.config import Config
+from train.data import GlobalBatchSampler, TokenWindows, eval_batches
+from train.errors import ConfigError, ResumeError
+from train.metrics import Metrics
+from train.model import build_causal_lm, build_hf_config, count_parameters, param_groups
+from train.rng import seed_everything
+from train.schedule import lr_at
+
+
+def _set_cpu_threads() -> None:
+    """On CPU, ranks on one host share its cores; without a limit each rank starts one thread per core and they
+    thrash. An explicit OMP_NUM_THREADS (set by the user or the launcher) wins."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        deepspeed.init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        _set_cpu_threads()
+        self.run_dir = cfg.run_dir
+        self.metrics = None
+
+        self.train_windows = TokenWindows(ShardSet(cfg.data.path, cfg.data.train_split), cfg.data.seq_len)
+        self.val_windows = (TokenWindows(ShardSet(cfg.data.path, cfg.data.val_split), cfg.data.seq_len)
+                            if cfg.data.val_split else None)
+        manifest = self.train_windows.shards.manifest
+        self.sampler = GlobalBatchSampler(len(self.train_windows), cfg.train.micro_batch_size,
+                                          cfg.train.grad_accum_steps, self.world_size, self.rank, cfg.run.seed)
+        self.tokens_per_step = self.sampler.global_batch * cfg.data.seq_len
+
+        ds_config = ds_config_lib.build(cfg, self.world_size)
+        hf_config = build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len)
+        seed_everything(cfg.run.seed)  # same initial weights on every rank
+        if ds_config_lib.zero_stage(ds_config) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Must stay referenced while the model is built: transformers checks it to partition at init.
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        model = build_causal_lm(cfg.model, hf_config)
+        self.trainable_params, self.total_params = count_parameters(model)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        seed_everything(cfg.run.seed + self.rank)  # dropout masks differ between ranks
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.engine, self.rank)
+        self.last_saved_step = None
+        self.resumed_from = self._resume()
+
+        self.metrics = Metrics(self.run_dir, enabled=self.rank == 0)
+        if self.rank == 0:
+            resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            write_atomic(self.run_dir / "config.yaml", resolved.encode())
+            self.metrics.text("config", f"```\n{resolved}\n```")
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+
+    def _resume(self) -> str | None:
+        tag = self.checkpointer.latest_tag()
+        if tag is None:
+            return None
+        if self.cfg.run.resume == "never":
+            raise ConfigError(f"run.resume: 'never' but {self.run_dir} already has checkpoint {tag}; "
+                              "choose another run.name or set run.resume=auto")
+        client_state = self.checkpointer.load()
+        if client_state["world_size"] != self.world_size:
+            raise ResumeError(f"checkpoint {tag} was written by {client_state['world_size']} ranks, this run has "
+                              f"{self.world_size}")
+        self.load_state_dict(client_state["trainer"])
+        self.sampler.load_state_dict(client_state["sampler"])
+        self.last_saved_step = self.step
+        return str(self.checkpointer.directory / tag)
+
+    def save(self) -> Path:
+        client_state = {"trainer": self.state_dict(), "sampler": self.sampler.state_dict(),
+                        "world_size": self.world_size, "config_fingerprint": self.cfg.fingerprint()}
+        start = time.perf_counter()
+        path = self.checkpointer.save(self.step, client_state)
+        self.last_saved_step = self.step
+        self.metrics.print(f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
+        return path
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss as a device tensor."""
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.engine.device)
+        for indices in self.sampler.next_step():
+            input_ids = self.train_windows.batch(indices).to(self.engine.device, non_blocking=True)
+            loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed only updates at the accumulation boundary
+            loss_sum += loss.detach().float()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss_sum / self.cfg.train.grad_accum_steps
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_windows is None:
+            return None
+        self.engine.eval()
+        totals = torch.zeros(2, device=self.engine.device)  # (sum of batch losses, batches)
+        for indices in eval_batches(len(self.val_windows), self.cfg.train.micro_batch_size, self.world_size,
+                                    self.rank, self.cfg.train.eval_batches):
+            input_ids = self.val_windows.batch(indices).to(self.engine.device)
+            totals[0] += self.engine(input_ids=input_ids, labels=input_ids).loss.float()
+            totals[1] += 1
+        dist.all_reduce(totals)
+        self.engine.train()
+        if totals[1] == 0:
+            raise ConfigError(f"data.val_split '{self.cfg.data.val_split}' has fewer than "
+                              f"micro_batch_size x world size = {self.cfg.train.micro_batch_size * self.world_size} "
+                              f"windows of {self.cfg.data.seq_len} tokens; use a larger split or data.val_split=''")
+        return (totals[0] / totals[1]).item()
+
+    def _log_eval(self) -> float | None:
+        val_loss = self.evaluate()
+        if val_loss is not None:
+            self.metrics.log(self.step, {"val/loss": val_loss})
+            self.metrics.print(f"step {self.step} | val_loss {val_loss:.4f}")
+        return val_loss
+
+    def fit(self) -> dict:
+        cfg, train = self.cfg, self.cfg.train
+        self.metrics.print(
+            f"run {self.run_dir} | {self.world_size} ranks | {self.total_params:,} parameters "
+            f"({self.trainable_params:,} trainable) | global batch {self.sampler.global_batch} x "
+            f"{cfg.data.seq_len} tokens | {len(self.train_windows):,} training windows"
+            + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
+        fit_start = time.perf_counter()
+        start_step = self.step
+        interval_loss = torch.zeros((), device=self.engine.device)
+        interval_steps, interval_start = 0, time.perf_counter()
+        train_loss = val_loss = None
+        while self.step < train.max_steps:
+            interval_loss += self.train_step()
+            interval_steps += 1
+            if self.step % train.log_every == 0 or self.step == train.max_steps:
+                # The only host sync of the loop between evals: one all-reduce per log interval.
+                dist.all_reduce(interval_loss)
+                train_loss = interval_loss.item() / (self.world_size * interval_steps)
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_s = interval_steps * self.tokens_per_step / elapsed
+                grad_norm = self.engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                lr = lr_at(self.step - 1, cfg.optim, train.max_steps)
+                self.metrics.log(self.step, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                             "train/tokens_per_s": tokens_per_s})
+                self.metrics.print(f"step {self.step}/{train.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                                   f"grad_norm {grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s")
+                interval_loss.zero_()
+                interval_steps, interval_start = 0, time.perf_counter()
+            if self.step < train.max_steps:
+                if train.eval_every and self.step % train.eval_every == 0:
+                    val_loss = self._log_eval()
+                if train.save_every and self.step % train.save_every == 0:
+                    self.save()
+            faults.after_step(self.step, self.rank)
+        wall = time.perf_counter() - fit_start
+        val_loss = self._log_eval()
+        checkpoint = self.save() if self.last_saved_step != self.step else self.checkpointer.directory / \
+            self.checkpointer.latest_tag()
+        steps_run = self.step - start_step
+        summary = {
+            "run_dir": str(self.run_dir), "steps": self.step, "steps_this_session": steps_run,
+            "tokens_seen": self.tokens_seen, "wall_seconds": round(wall, 3),
+            "mean_tokens_per_s": steps_run * self.tokens_per_step / wall if steps_run else None,
+            "final_train_loss": train_loss, "final_val_loss": val_loss, "checkpoint": str(checkpoint),
+            "tensorboard_dir": str(self.metrics.tb_dir), "resumed_from": self.resumed_from,
+            "world_size": self.world_size, "parameters": self.total_params,
+            "config_fingerprint": cfg.fingerprint(),
+        }
+        if self.rank == 0:
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        self.metrics.print(f"done: {self.step} steps, val_loss {val_loss}, checkpoint {checkpoint}\n"
+                           f"TensorBoard: tensorboard --logdir {self.metrics.tb_dir}")
+        return summary
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
