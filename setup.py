@@ -17,6 +17,7 @@ setup(
         "datasets==5.2.0",
         "tokenizers==0.23.3",
         "gigatoken==0.10.0",
+        "awkward==2.14.0",  # gigatoken returns awkward arrays; data_prep flattens them with it
         "tensorboard==2.21.0",
         "safetensors==0.8.0",
         "peft==0.21.2",

@@ -56,6 +56,15 @@ TINY_MODEL = ["model.model_type=gpt2", "model.hf_config={n_layer: 2, n_embd: 64,
               "data.seq_len=64", "train.micro_batch_size=4", "optim.warmup_steps=4", "optim.lr=3.0e-3"]
 
 
+def reference_overrides(tiny_data: dict, output_dir: Path, name: str, stage: int, steps: int) -> list[str]:
+    """The tiny model on the tiny shards, logging every step. Dropout stays on (GPT-2's default 0.1) and gradients
+    accumulate over 2 micro-batches, so an exact resume needs every rank's RNG and the sampler position."""
+    return [*TINY_MODEL, f"train.max_steps={steps}", "train.grad_accum_steps=2", "train.log_every=1",
+            "train.eval_every=4", "train.save_every=4", "train.eval_batches=4", "train.precision=bf16",
+            f"train.deepspeed_config=ds_configs/zero{stage}.json", f"data.path={tiny_data['shards']}",
+            f"run.output_dir={output_dir}", f"run.name={name}"]
+
+
 def run_training(config: str | Path, overrides: list[str], num_ranks: int = 2, env: dict | None = None,
                  check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N train/main.py --config ... overrides`, from the project root."""

@@ -103,11 +103,18 @@ class TrainConfig:
     eval_every: int = _field(100, "Optimizer steps between validation passes; 0 evaluates only at the end.")
     eval_batches: int = _field(20, "Micro-batches per rank in one validation pass.")
     save_every: int = _field(500, "Optimizer steps between checkpoints; a checkpoint is always written at the end.")
+    keep_last: int = _field(0, "Checkpoints to keep (the newest ones); 0 keeps all. The newest is never deleted.")
+    keep_every: int = _field(0, "Also keep every checkpoint whose step is a multiple of this (with keep_last); "
+                                "0 disables.")
+    collective_timeout_s: int = _field(600, "Seconds a collective may wait for the other ranks before the run "
+                                            "fails; bounds the hang when a rank or node dies.")
 
     def __post_init__(self):
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches"):
             _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every"):
+        _require(self.collective_timeout_s >= 1, "train.collective_timeout_s",
+                 f"must be >= 1, got {self.collective_timeout_s}")
+        for key in ("eval_every", "save_every", "keep_last", "keep_every"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.precision in ("bf16", "fp16", "fp32"), "train.precision",
                  f"must be bf16, fp16 or fp32, got {self.precision!r}")

@@ -43,7 +43,7 @@ class GlobalBatchSampler:
     The order is global, not per rank: epoch `e` visits all windows in a permutation drawn from `(seed, e)`, and
     each optimizer step consumes the next `global_batch` positions of it (a tail shorter than a global batch is
     skipped). Inside a step, rank `r`'s micro-batch `m` takes positions `[(m * world + r) * micro, ... + micro)`.
-    The whole state is `(epoch, position)`, so restoring it is O(1) and replays nothing.
+    The whole state is `(epoch, position)`, so restoring it is O(1) and replays nothing, at any world size.
     """
 
     VERSION = 1
@@ -90,10 +90,12 @@ class GlobalBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != self.VERSION:
             raise ResumeError(f"data sampler state has version {state.get('version')}, expected {self.VERSION}")
-        for key in ("num_windows", "global_batch", "seed"):
+        for key in ("num_windows", "seed"):
             if state[key] != getattr(self, key):
                 raise ResumeError(f"cannot resume: the checkpoint's data sampler has {key}={state[key]} but this run "
-                                 f"has {getattr(self, key)}; the data, batch size or seed changed")
+                                  f"has {getattr(self, key)}; the training data or the seed changed")
+        # The position counts windows of the epoch's order, not steps: with another global batch (a new world
+        # size) the run still consumes exactly the continuation of the same window sequence.
         self.epoch = state["epoch"]
         self.position = state["position"]
 

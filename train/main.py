@@ -39,10 +39,12 @@ def main(argv=None) -> int:
     trainer = None
     try:
         cfg = config_lib.load(args.config, args.overrides)
+        from train import preemption
         from train.trainer import Trainer  # heavy imports (deepspeed, transformers) only once the config is valid
 
         trainer = Trainer(cfg)
-        trainer.fit()
+        summary = trainer.fit()
+        return preemption.EXIT_CODE if summary["preempted"] else 0
     except RunError as exc:
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
@@ -54,7 +56,6 @@ def main(argv=None) -> int:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

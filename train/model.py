@@ -6,6 +6,8 @@ manifest, so the model and the shards cannot disagree about token ids.
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 
 from train.config import ModelConfig
@@ -19,11 +21,20 @@ def build_hf_config(model_cfg: ModelConfig, tokenizer_info: dict, seq_len: int):
     bos = tokenizer_info.get("bos_id")
     kwargs = {"vocab_size": tokenizer_info["vocab_size"], "eos_token_id": eos,
               "bos_token_id": eos if bos is None else bos, "pad_token_id": tokenizer_info.get("pad_id")}
-    kwargs.update(model_cfg.hf_config)
     try:
-        hf_config = AutoConfig.for_model(model_cfg.model_type, **kwargs)
+        defaults = AutoConfig.for_model(model_cfg.model_type)
     except ValueError as exc:
         raise ConfigError(f"model.model_type: {exc}") from None
+    # transformers configs accept any keyword and keep it as an attribute, so a typo ('n_layers') would silently
+    # train the default architecture.
+    known = set(defaults.to_dict()) | set(getattr(type(defaults), "attribute_map", {}))
+    for key in model_cfg.hf_config:
+        if key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ConfigError(f"model.hf_config: '{key}' is not a {model_cfg.model_type} config key"
+                              + (f"; did you mean '{hint[0]}'?" if hint else ""))
+    kwargs.update(model_cfg.hf_config)
+    hf_config = AutoConfig.for_model(model_cfg.model_type, **kwargs)
     if hf_config.vocab_size < tokenizer_info["vocab_size"]:
         raise ConfigError(f"model.hf_config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer_info['vocab_size']} tokens recorded in the data manifest")

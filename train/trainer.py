@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 import torch
 import torch.distributed as dist
 import yaml
 
 from data_prep.shards import ShardSet
 from train import ds_config as ds_config_lib
-from train import faults
+from train import faults, preemption, resume
 from train.checkpoint import Checkpointer, write_atomic
 from train.config import Config
 from train.data import GlobalBatchSampler, TokenWindows, eval_batches
@@ -42,7 +45,7 @@ def _set_cpu_threads() -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         _set_cpu_threads()
         self.run_dir = cfg.run_dir
@@ -55,8 +58,28 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.train_windows), cfg.train.micro_batch_size,
                                           cfg.train.grad_accum_steps, self.world_size, self.rank, cfg.run.seed)
         self.tokens_per_step = self.sampler.global_batch * cfg.data.seq_len
+        self.tokenizer_fingerprint = manifest["tokenizer"]["fingerprint"]
 
         ds_config = ds_config_lib.build(cfg, self.world_size)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.rank, cfg.train.keep_last,
+                                         cfg.train.keep_every)
+        found = self.checkpointer.find_latest()
+        if found and cfg.run.resume == "never":
+            raise ConfigError(f"run.resume: 'never' but {self.run_dir} already has checkpoint {found[0]}; "
+                              "choose another run.name or set run.resume=auto")
+        load_tag = None
+        self.config_changes = []
+        if found:
+            tag, meta = found
+            # Checked before anything is loaded or converted: a changed architecture fails here with the keys
+            # named, not deep inside a tensor-shape mismatch.
+            self.config_changes = resume.check_compatible(meta["identity"], self._identity(),
+                                                          self.checkpointer.directory / tag)
+            load_tag = tag
+            if meta["world_size"] != self.world_size:
+                load_tag = resume.convert_to_universal(self.checkpointer.directory, tag, self.rank)
+                ds_config["checkpoint"] = {"load_universal": True}
+
         hf_config = build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len)
         seed_everything(cfg.run.seed)  # same initial weights on every rank
         if ds_config_lib.zero_stage(ds_config) == 3:
@@ -73,10 +96,13 @@ class Trainer:
 
         self.step = 0
         self.tokens_seen = 0
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.engine, self.rank)
         self.last_saved_step = None
-        self.resumed_from = self._resume()
+        self.resumed_from = None
+        if found:
+            self._resume(tag, load_tag)
 
+        self.preemption = preemption.PreemptionFlag(self.engine.device)
+        self.preempted = False
         self.metrics = Metrics(self.run_dir, enabled=self.rank == 0)
         if self.rank == 0:
             resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -90,27 +116,27 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
 
-    def _resume(self) -> str | None:
-        tag = self.checkpointer.latest_tag()
-        if tag is None:
-            return None
-        if self.cfg.run.resume == "never":
-            raise ConfigError(f"run.resume: 'never' but {self.run_dir} already has checkpoint {tag}; "
-                              "choose another run.name or set run.resume=auto")
-        client_state = self.checkpointer.load()
-        if client_state["world_size"] != self.world_size:
-            raise ResumeError(f"checkpoint {tag} was written by {client_state['world_size']} ranks, this run has "
-                              f"{self.world_size}")
+    def _identity(self) -> dict:
+        """What a checkpoint must agree with for this run to continue it (see train.resume)."""
+        return {**self.cfg.to_dict(), "tokenizer_fingerprint": self.tokenizer_fingerprint}
+
+    def _resume(self, tag: str, load_tag: str) -> None:
+        client_state = self.checkpointer.load(self.engine, load_tag, rng_tag=tag)
         self.load_state_dict(client_state["trainer"])
         self.sampler.load_state_dict(client_state["sampler"])
         self.last_saved_step = self.step
-        return str(self.checkpointer.directory / tag)
+        self.resumed_from = str(self.checkpointer.directory / tag)
 
     def save(self) -> Path:
         client_state = {"trainer": self.state_dict(), "sampler": self.sampler.state_dict(),
-                        "world_size": self.world_size, "config_fingerprint": self.cfg.fingerprint()}
+                        "world_size": self.world_size,
+                        # ds_to_universal refuses checkpoints without it (resume at another world size)
+                        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         start = time.perf_counter()
-        path = self.checkpointer.save(self.step, client_state)
+        path = self.checkpointer.save(self.engine, self.step, client_state,
+                                      meta={"world_size": self.world_size, "config_fingerprint": self.cfg.fingerprint(),
+                                            "identity": self._identity()})
         self.last_saved_step = self.step
         self.metrics.print(f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
         return path
@@ -165,6 +191,8 @@ class Trainer:
             f"({self.trainable_params:,} trainable) | global batch {self.sampler.global_batch} x "
             f"{cfg.data.seq_len} tokens | {len(self.train_windows):,} training windows"
             + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
+        if self.config_changes:
+            self.metrics.print(f"resumed with changed settings: {'; '.join(self.config_changes)}")
         fit_start = time.perf_counter()
         start_step = self.step
         interval_loss = torch.zeros((), device=self.engine.device)
@@ -193,11 +221,20 @@ class Trainer:
                     val_loss = self._log_eval()
                 if train.save_every and self.step % train.save_every == 0:
                     self.save()
-            faults.after_step(self.step, self.rank)
+            faults.inject("after_step", self.step, self.rank)
+            if self.step < train.max_steps and self.preemption.agreed():
+                self.preempted = True
+                break
         wall = time.perf_counter() - fit_start
-        val_loss = self._log_eval()
-        checkpoint = self.save() if self.last_saved_step != self.step else self.checkpointer.directory / \
-            self.checkpointer.latest_tag()
+        if self.preempted:
+            checkpoint = self.save() if self.last_saved_step != self.step else self._latest_checkpoint()
+            signalled = self.preemption.received_at
+            self.metrics.print(f"preempted ({self.preemption.received or 'signal on another rank'}) at step "
+                               f"{self.step}: checkpoint {checkpoint} on disk "
+                               + (f"{time.time() - signalled:.1f}s after the signal" if signalled else ""))
+        else:
+            val_loss = self._log_eval()
+            checkpoint = self.save() if self.last_saved_step != self.step else self._latest_checkpoint()
         steps_run = self.step - start_step
         summary = {
             "run_dir": str(self.run_dir), "steps": self.step, "steps_this_session": steps_run,
@@ -206,13 +243,18 @@ class Trainer:
             "final_train_loss": train_loss, "final_val_loss": val_loss, "checkpoint": str(checkpoint),
             "tensorboard_dir": str(self.metrics.tb_dir), "resumed_from": self.resumed_from,
             "world_size": self.world_size, "parameters": self.total_params,
-            "config_fingerprint": cfg.fingerprint(),
+            "config_fingerprint": cfg.fingerprint(), "preempted": self.preempted,
         }
         if self.rank == 0:
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        if self.preempted:
+            return summary
         self.metrics.print(f"done: {self.step} steps, val_loss {val_loss}, checkpoint {checkpoint}\n"
                            f"TensorBoard: tensorboard --logdir {self.metrics.tb_dir}")
         return summary
+
+    def _latest_checkpoint(self) -> Path:
+        return self.checkpointer.directory / self.checkpointer.latest_tag()
 
     def close(self) -> None:
         if self.metrics is not None:

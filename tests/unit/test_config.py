@@ -92,3 +92,17 @@ def test_describe_documents_every_key():
     text = config.describe()
     for key in ("max_steps", "deepspeed_config", "seq_len", "warmup_steps", "resume", "hf_config"):
         assert f"  {key} (default" in text
+
+
+def test_hf_config_typo_is_rejected_with_nearest_key():
+    from train.config import ModelConfig
+    from train.model import build_hf_config
+
+    tokenizer = {"vocab_size": 100, "eos_id": 0, "bos_id": None, "pad_id": None}
+    with pytest.raises(ConfigError) as err:
+        build_hf_config(ModelConfig(hf_config={"n_layers": 2}), tokenizer, seq_len=16)
+    assert str(err.value) == "model.hf_config: 'n_layers' is not a gpt2 config key; did you mean 'n_layer'?"
+    hf = build_hf_config(ModelConfig(hf_config={"n_layer": 2, "num_attention_heads": 4}), tokenizer, seq_len=16)
+    assert (hf.n_layer, hf.n_head, hf.vocab_size, hf.bos_token_id) == (2, 4, 100, 0)
+    with pytest.raises(ConfigError, match="data.seq_len=64 exceeds the model's 32 positions"):
+        build_hf_config(ModelConfig(hf_config={"n_positions": 32}), tokenizer, seq_len=64)

@@ -57,12 +57,36 @@ def test_sampler_state_restores_in_o1_and_matches_uninterrupted_order():
         assert [x.tolist() for x in a.next_step()] == [x.tolist() for x in b.next_step()]
 
 
-def test_sampler_refuses_state_from_other_data_or_batch():
+def test_sampler_refuses_state_from_other_data_or_seed():
     state = GlobalBatchSampler(50, 2, 2, 2, rank=0, seed=3).state_dict()
     with pytest.raises(ResumeError, match="num_windows=50 but this run has 60"):
         GlobalBatchSampler(60, 2, 2, 2, rank=0, seed=3).load_state_dict(state)
-    with pytest.raises(ResumeError, match="global_batch=8 but this run has 16"):
-        GlobalBatchSampler(50, 4, 2, 2, rank=0, seed=3).load_state_dict(state)
+    with pytest.raises(ResumeError, match="seed=3 but this run has 4"):
+        GlobalBatchSampler(50, 2, 2, 2, rank=0, seed=4).load_state_dict(state)
+
+
+def test_sampler_continues_the_same_window_sequence_at_another_world_size():
+    """2 ranks x accum 2 saved, resumed on 1 rank x accum 4 (same global batch) and on 1 rank x accum 2."""
+    def consumed(samplers, steps):
+        out = []
+        for _ in range(steps):
+            per_rank = [s.next_step() for s in samplers]
+            micro = samplers[0].micro_batch
+            for m in range(samplers[0].accum_steps):  # global order: micro-step, then rank
+                for r in range(len(samplers)):
+                    out.extend(per_rank[r][m][:micro].tolist())
+        return out
+
+    reference = [GlobalBatchSampler(60, 2, 2, 2, rank=r, seed=5) for r in (0, 1)]
+    consumed(reference, 3)
+    state = reference[0].state_dict()
+    expected = consumed(reference, 4)  # 4 steps x 8 windows, crossing the epoch end (7 steps per epoch)
+    one_rank = GlobalBatchSampler(60, 2, 4, 1, rank=0, seed=5)
+    one_rank.load_state_dict(state)
+    assert consumed([one_rank], 4) == expected
+    smaller_batch = GlobalBatchSampler(60, 2, 2, 1, rank=0, seed=5)
+    smaller_batch.load_state_dict(state)
+    assert consumed([smaller_batch], 4)[:16] == expected[:16]
 
 
 def test_too_little_data_for_one_step_is_a_config_error():
@@ -75,3 +99,29 @@ def test_eval_batches_are_equal_per_rank_and_disjoint():
     assert len(batches[0]) == len(batches[1]) == 5
     flat = np.concatenate([np.concatenate(b) for b in batches])
     assert sorted(flat.tolist()) == list(range(20))
+
+
+def test_checkpoint_retention_keeps_last_n_every_m_and_newest(tmp_path):
+    from train.checkpoint import Checkpointer
+
+    for step in (2, 4, 6, 8, 10, 12):
+        (tmp_path / f"step_{step}").mkdir()
+    (tmp_path / "step_14.partial").mkdir()
+    Checkpointer(tmp_path, rank=0, keep_last=2, keep_every=4)._apply_retention(newest=12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_12", "step_14.partial", "step_4",
+                                                         "step_8"]
+
+
+def test_checkpoint_verification_names_the_bad_file(tmp_path):
+    import json
+
+    from train.checkpoint import MANIFEST, verify
+
+    (tmp_path / "a.pt").write_bytes(b"12345")
+    assert verify(tmp_path) == "no checkpoint.json (the save did not finish)"
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": {"a.pt": 5, "b.pt": 1}}))
+    assert verify(tmp_path) == "b.pt is missing"
+    (tmp_path / "b.pt").write_bytes(b"")
+    assert verify(tmp_path) == "b.pt has 0 bytes, checkpoint.json records 1"
+    (tmp_path / "b.pt").write_bytes(b"x")
+    assert verify(tmp_path) is None

@@ -1,0 +1,256 @@
+"""Training throughput of our trainer (`train/main.py`) against the Hugging Face `Trainer` on the same DeepSpeed
+config, model, data and hyper-parameters.
+
+    python bench/train_throughput.py [--steps 20] [--warmup 3] [--stages 2] [--ranks 2]
+
+For each ZeRO stage it
+  1. writes random-token shards once (numpy, fixed seed, vocabulary 8192) with `data_prep.shards.ShardWriter`;
+  2. runs `deepspeed --num_gpus R train/main.py --config configs/quickstart.yaml <overrides>` with log_every=1 and
+     reads the per-step timestamps from `metrics.jsonl`;
+  3. builds the DeepSpeed config that run used (`train.config.load` + `train.ds_config.build`) and the model's
+     transformers config (`train.model.build_hf_config`), writes both to files and runs
+     `deepspeed --num_gpus R bench/hf_trainer_baseline.py` on them, which records a `perf_counter()` per step;
+  4. tokens/s = tokens of the steps after `--warmup` / wall time from the end of step `warmup` to the end of the
+     last step (the same definition for both; the final checkpoint our trainer writes is outside that window).
+
+Both runs get the same OMP_NUM_THREADS (cores // ranks unless --threads is given). Prints the commands it ran, a
+table (stage, ours, HF, ratio) and each run's first and last loss. Run directories live under --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BASE_CONFIG = "configs/quickstart.yaml"
+VOCAB = 8192
+EOS = 0
+DATA_SEED = 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_random_shards(out_dir: Path, num_tokens: int, seed: int = DATA_SEED) -> Path:
+    """A shard directory of `num_tokens` uniformly random token ids in [1, VOCAB), cut into documents of random
+    length each ending in EOS, written with data_prep's own writer and manifest. Reused if already there."""
+    from data_prep.manifest import build_manifest, load_manifest, write_manifest
+    from data_prep.shards import ShardWriter, dtype_for_vocab
+
+    if (out_dir / "manifest.json").is_file():
+        manifest = load_manifest(out_dir)
+        if (manifest.get("counts", {}).get("bench_seed") == seed
+                and manifest["splits"]["train"]["num_tokens"] >= num_tokens):
+            return out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    # No real tokenizer made these ids; a directory describing that stands in for it (the manifest fingerprints it).
+    tokenizer_dir = out_dir / "tokenizer"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "README.txt").write_text(f"No tokenizer: uniformly random ids in [1, {VOCAB}), eos {EOS}, "
+                                              f"numpy seed {seed}; written by bench/train_throughput.py\n")
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < num_tokens:
+        lengths.append(int(rng.integers(256, 4096)))
+    lengths = np.array(lengths, dtype=np.int64)
+    tokens = rng.integers(1, VOCAB, size=int(lengths.sum()), dtype=np.uint16)
+    tokens[np.cumsum(lengths) - 1] = EOS
+    dtype = dtype_for_vocab(VOCAB)
+    writer = ShardWriter(out_dir, "train", dtype, shard_tokens=1 << 22)
+    writer.add(tokens, lengths)
+    entries = writer.close()
+    manifest = build_manifest(tokenizer_dir=tokenizer_dir, vocab_size=VOCAB,
+                              special_ids={"eos_id": EOS, "bos_id": EOS, "pad_id": None}, backend="random",
+                              dtype=dtype.name, splits={"train": entries}, inputs=[], val_fraction=0.0,
+                              counts={"bench_seed": seed, "documents": len(lengths)})
+    write_manifest(out_dir, manifest)
+    return out_dir
+
+
+def run_logged(cmd: list[str], env: dict, log_path: Path, timeout: int) -> float:
+    """Run `cmd` from the project root with output to `log_path`; on failure print the log's tail and exit."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-6000:]
+        sys.exit(f"error: command failed with exit code {proc.returncode} (log {log_path}):\n{tail}")
+    return time.perf_counter() - start
+
+
+def throughput(times: dict[int, float], steps: int, warmup: int, tokens_per_step: int) -> float:
+    """Tokens per second over steps warmup+1 .. steps, timed from the end of step `warmup` to the end of `steps`."""
+    missing = [s for s in (warmup, steps) if s not in times]
+    if missing:
+        raise SystemExit(f"error: no timestamp for step(s) {missing}; got steps {sorted(times)}")
+    return (steps - warmup) * tokens_per_step / (times[steps] - times[warmup])
+
+
+def shell_join(cmd: list[str], env_prefix: str) -> str:
+    import shlex
+
+    return env_prefix + " ".join(shlex.quote(str(c)) for c in cmd)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Tokens/s of train/ vs the HF Trainer on the same DeepSpeed config.")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="leading steps excluded from the timing (default 3)")
+    p.add_argument("--stages", type=int, nargs="+", default=[2], choices=[0, 1, 2, 3],
+                   help="ZeRO stages to run, each with ds_configs/zero<N>.json (default 2)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks (deepspeed --num_gpus) per run (default 2)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
+                   help="turn activation checkpointing off for both trainers (default on)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for every rank of both runs (default: CPU cores // ranks)")
+    p.add_argument("--only", choices=("ours", "hf"), default=None, help="run only one of the two trainers")
+    p.add_argument("--workdir", default="runs/bench_throughput",
+                   help="data, run directories and logs (default runs/bench_throughput; replaced per run)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds allowed per training run (default 3600)")
+    args = p.parse_args(argv)
+    if not 0 <= args.warmup < args.steps:
+        p.error("--warmup must be >= 0 and < --steps")
+
+    from train import config as config_lib
+    from train import ds_config as ds_config_lib
+    from train.model import build_hf_config
+
+    workdir = (ROOT / args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    deepspeed_bin = str(Path(sys.executable).parent / "deepspeed")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env_prefix = f"OMP_NUM_THREADS={threads} "
+    tokens_per_step = args.micro_batch * args.ranks * args.seq_len
+    # Enough windows that no window repeats within a run (plus slack for documents being cut at window ends).
+    data_dir = make_random_shards(workdir / "data", int(args.steps * tokens_per_step * 1.1) + 64 * args.seq_len)
+
+    print(f"bench: {args.ranks} ranks, OMP_NUM_THREADS={threads} ({os.cpu_count()} CPU cores), "
+          f"GPT-2 6x384 (6 heads), vocab {VOCAB}, seq {args.seq_len}, micro-batch {args.micro_batch}/rank, "
+          f"{tokens_per_step} tokens/step, {args.steps} steps ({args.warmup} warmup), activation checkpointing "
+          f"{'on' if args.activation_checkpointing else 'off'}, data {data_dir}", flush=True)
+
+    results = []
+    for stage in args.stages:
+        stage_dir = workdir / f"zero{stage}"
+        overrides = [
+            "model.model_type=gpt2",
+            f"model.hf_config={{n_layer: 6, n_embd: 384, n_head: 6, n_positions: {max(512, args.seq_len)}}}",
+            f"model.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+            f"data.path={data_dir}", f"data.seq_len={args.seq_len}", 'data.val_split=""',
+            "optim.lr=3.0e-4", "optim.min_lr=3.0e-4", "optim.warmup_steps=0",  # constant lr, like HF "constant"
+            "optim.betas=[0.9, 0.95]", "optim.weight_decay=0.1", "optim.eps=1.0e-8", "optim.grad_clip=1.0",
+            f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum_steps=1",
+            "train.precision=bf16", f"train.deepspeed_config=ds_configs/zero{stage}.json",
+            "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+            f"run.output_dir={stage_dir}", "run.name=ours", "run.resume=never", "run.seed=1234",
+        ]
+        cfg = config_lib.load(ROOT / BASE_CONFIG, overrides)
+        ds_config = ds_config_lib.build(cfg, args.ranks)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ds_path = stage_dir / "ds_config.json"
+        ds_path.write_text(json.dumps(ds_config, indent=2))
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+        model_dir = stage_dir / "hf_model_config"
+        build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len).save_pretrained(model_dir)
+        row = {"stage": stage}
+
+        if args.only in (None, "ours"):
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+            cmd = [deepspeed_bin, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), "train/main.py",
+                   "--config", BASE_CONFIG, *overrides]
+            print(f"\n[zero{stage}] ours: {shell_join(cmd, env_prefix)}", flush=True)
+            wall = run_logged(cmd, env, stage_dir / "ours.log", args.timeout)
+            records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+            train = {r["step"]: r for r in records if "train/loss" in r}
+            row["ours"] = throughput({s: r["time"] for s, r in train.items()}, args.steps, args.warmup,
+                                     tokens_per_step)
+            row["ours_loss"] = (train[1]["train/loss"], train[args.steps]["train/loss"])
+            print(f"[zero{stage}] ours: {row['ours']:,.0f} tokens/s, loss {row['ours_loss'][0]:.4f} -> "
+                  f"{row['ours_loss'][1]:.4f} (process wall {wall:.0f}s, log {stage_dir / 'ours.log'})", flush=True)
+
+        if args.only in (None, "hf"):
+            out = stage_dir / "hf_times.json"
+            out.unlink(missing_ok=True)
+            o = cfg.optim
+            cmd = [deepspeed_bin, "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
+                   "bench/hf_trainer_baseline.py", "--ds-config", str(ds_path), "--model-config", str(model_dir),
+                   "--data", str(data_dir), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+                   "--grad-accum", "1", "--steps", str(args.steps), "--lr", repr(o.lr),
+                   "--betas", repr(o.betas[0]), repr(o.betas[1]), "--eps", repr(o.eps),
+                   "--weight-decay", repr(o.weight_decay), "--grad-clip", repr(o.grad_clip),
+                   "--precision", cfg.train.precision,
+                   "--activation-checkpointing" if args.activation_checkpointing else "--no-activation-checkpointing",
+                   "--seed", str(cfg.run.seed), "--output-dir", str(stage_dir / "hf"), "--out", str(out)]
+            print(f"\n[zero{stage}] hf:   {shell_join(cmd, env_prefix)}", flush=True)
+            wall = run_logged(cmd, env, stage_dir / "hf.log", args.timeout)
+            hf = json.loads(out.read_text())
+            if not hf["deepspeed_enabled"] or hf["engine_zero_stage"] != stage:
+                sys.exit(f"error: HF run did not train under DeepSpeed ZeRO-{stage}: {hf['engine_class']}, "
+                         f"stage {hf['engine_zero_stage']}")
+            if (hf["tokens_per_step"] != tokens_per_step
+                    or hf["engine_train_batch_size"] != ds_config["train_batch_size"]):
+                sys.exit(f"error: HF run used {hf['tokens_per_step']} tokens/step (engine train_batch_size "
+                         f"{hf['engine_train_batch_size']}), ours {tokens_per_step} ({ds_config['train_batch_size']})")
+            if hf["engine_bf16"] != (cfg.train.precision == "bf16") or hf["engine_gradient_clipping"] != o.grad_clip:
+                sys.exit(f"error: HF engine has bf16={hf['engine_bf16']}, gradient_clipping="
+                         f"{hf['engine_gradient_clipping']}; the run config says {cfg.train.precision}, {o.grad_clip}")
+            if hf["ds_config_changes"]:
+                print(f"[zero{stage}] hf:   note: HF changed these DeepSpeed config keys (ours -> HF's): "
+                      f"{json.dumps(hf['ds_config_changes'])}", flush=True)
+            times = {int(k): v for k, v in hf["step_end"].items()}
+            row["hf"] = throughput(times, args.steps, args.warmup, tokens_per_step)
+            row["hf_loss"] = (hf["loss"]["1"], hf["loss"][str(args.steps)])
+            print(f"[zero{stage}] hf:   {row['hf']:,.0f} tokens/s, loss {row['hf_loss'][0]:.4f} -> "
+                  f"{row['hf_loss'][1]:.4f} ({hf['engine_class']} ZeRO-{hf['engine_zero_stage']}, "
+                  f"bf16 {hf['engine_bf16']}, "
+                  f"{hf['engine_optimizer']} over {hf['base_optimizer']}, "
+                  f"OMP_NUM_THREADS={hf['omp_num_threads']}, torch threads {hf['torch_threads']}; "
+                  f"process wall {wall:.0f}s, log {stage_dir / 'hf.log'})", flush=True)
+        results.append(row)
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    print(f"\nTokens/s over steps {args.warmup + 1}..{args.steps} ({args.steps - args.warmup} steps x "
+          f"{tokens_per_step} tokens), {args.ranks} ranks, OMP_NUM_THREADS={threads}:")
+    header = (f"{'stage':>5} | {'ours tok/s':>11} | {'HF tok/s':>11} | {'ours/HF':>7} | "
+              f"{'ours loss first->last':>22} | {'HF loss first->last':>22}")
+    print(header)
+    print("-" * len(header))
+    for row in results:
+        ours, hf = row.get("ours"), row.get("hf")
+        ratio = ours / hf if ours and hf else None
+        ol = row.get("ours_loss")
+        hl = row.get("hf_loss")
+        ol = f"{ol[0]:.4f} -> {ol[1]:.4f}" if ol else "-"
+        hl = f"{hl[0]:.4f} -> {hl[1]:.4f}" if hl else "-"
+        print(f"{row['stage']:>5} | {fmt(ours, ',.0f'):>11} | {fmt(hf, ',.0f'):>11} | {fmt(ratio, '.3f'):>7} | "
+              f"{ol:>22} | {hl:>22}")
+    (workdir / "results.json").write_text(json.dumps({"args": vars(args), "threads": threads,
+                                                      "tokens_per_step": tokens_per_step, "results": results},
+                                                     indent=2))
+    print(f"\n(written to {workdir / 'results.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Checkpoints under real 2-rank (and 1-rank) DeepSpeed runs: kill -9 on every ZeRO stage, kill during a save,
+corrupt checkpoints, changed configs, and resume at another world size."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+
+from tests.conftest import ROOT, read_metrics, reference_overrides, run_training
+
+STEPS = 12
+RECIPE = ROOT / "configs/quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def references(tiny_data, tmp_path_factory):
+    """Uninterrupted 12-step runs, one per ZeRO stage, built on first use."""
+    out = tmp_path_factory.mktemp("references")
+    runs = {}
+
+    def get(stage: int):
+        if stage not in runs:
+            run_training(RECIPE, reference_overrides(tiny_data, out, f"zero{stage}", stage=stage, steps=STEPS))
+            runs[stage] = out / f"zero{stage}"
+        return runs[stage]
+    return get
+
+
+def losses(run_dir, steps=range(1, STEPS + 1)):
+    metrics = read_metrics(run_dir)
+    return [metrics[s]["train/loss"] for s in steps]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_kill_9_at_a_random_step_then_resume_is_bit_exact(stage, references, tiny_data, tmp_path):
+    kill_step = random.Random(stage).randint(5, STEPS - 1)  # checkpoints every 4 steps
+    overrides = reference_overrides(tiny_data, tmp_path, "run", stage=stage, steps=STEPS)
+    killed = run_training(RECIPE, overrides, check=False,
+                          env={"REPARAM_FAULT_AT_STEP": str(kill_step), "REPARAM_FAULT_RANK": str(stage % 2)})
+    assert killed.returncode != 0
+    run_dir = tmp_path / "run"
+    assert max(read_metrics(run_dir)) == kill_step
+    resumed_from = kill_step // 4 * 4
+    assert (run_dir / "checkpoints/latest").read_text() == f"step_{resumed_from}"
+
+    resumed = run_training(RECIPE, overrides)
+    assert f"resumed from {run_dir / f'checkpoints/step_{resumed_from}'}" in resumed.stdout
+    reference = references(stage)
+    assert losses(run_dir) == losses(reference)  # exact float equality, every step
+    got, ref = read_metrics(run_dir), read_metrics(reference)
+    assert [got[s]["train/lr"] for s in range(1, STEPS + 1)] == [ref[s]["train/lr"] for s in range(1, STEPS + 1)]
+    assert got[STEPS]["val/loss"] == ref[STEPS]["val/loss"]
+
+
+def test_kill_during_a_save_keeps_the_previous_checkpoint(references, tiny_data, tmp_path):
+    overrides = reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS)
+    killed = run_training(RECIPE, overrides, check=False, env={
+        "REPARAM_FAULT_AT_STEP": "8", "REPARAM_FAULT_PHASE": "in_save", "REPARAM_FAULT_RANK": "1"})
+    assert killed.returncode != 0
+    checkpoints = tmp_path / "run/checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_4"
+    assert (checkpoints / "step_8.partial").is_dir() and not (checkpoints / "step_8").exists()
+
+    resumed = run_training(RECIPE, overrides)
+    assert f"resumed from {checkpoints / 'step_4'}" in resumed.stdout
+    assert losses(tmp_path / "run") == losses(references(2))
+    assert not (checkpoints / "step_8.partial").exists() and (checkpoints / "step_8").is_dir()
+
+
+def test_truncated_checkpoint_is_skipped_for_the_previous_good_one(references, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(references(2), run_dir)
+    optim = run_dir / "checkpoints/step_12/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = optim.stat().st_size
+    with open(optim, "r+b") as f:
+        f.truncate(size // 2)
+    proc = run_training(RECIPE, reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS + 4))
+    assert (f"warning: skipping checkpoint {run_dir / 'checkpoints/step_12'}: "
+            f"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt has {size // 2} bytes, checkpoint.json records {size}"
+            ) in proc.stderr
+    assert f"resumed from {run_dir / 'checkpoints/step_8'}" in proc.stdout
+    changed = next(line for line in proc.stdout.splitlines() if line.startswith("resumed with changed settings: "))
+    assert "train.max_steps: 12 -> 16" in changed.split("; ")
+    assert (run_dir / "checkpoints/latest").read_text() == "step_16"
+
+
+def test_changed_architecture_or_seed_is_one_clear_error(references, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(references(2), run_dir)
+    overrides = reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS)
+    proc = run_training(RECIPE, [*overrides, "model.hf_config={n_layer: 3, n_embd: 64, n_head: 2, n_positions: 64}",
+                                 "run.seed=7"], check=False)
+    assert proc.returncode == 2
+    assert (f"error: cannot resume from {run_dir / 'checkpoints/step_12'}: the run changed in ways that change "
+            "the model or its data: model.hf_config.n_layer: 2 -> 3; run.seed: 1234 -> 7. Restore them, or start a "
+            "new run (another run.name)") in proc.stderr
+
+
+@pytest.mark.parametrize("saved_ranks, resumed_ranks", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_continues_the_run(saved_ranks, resumed_ranks, tiny_data, tmp_path):
+    """Same global batch (micro 4 x accum x ranks = 16): the resumed run consumes the same samples per step, so
+    its losses stay close to (bf16 reduction order aside) an uninterrupted run's."""
+    def overrides(ranks, name):
+        return [*reference_overrides(tiny_data, tmp_path, name, stage=2, steps=STEPS),
+                f"train.grad_accum_steps={4 // ranks}"]
+
+    run_training(RECIPE, overrides(saved_ranks, "uninterrupted"), num_ranks=saved_ranks)
+    killed = run_training(RECIPE, overrides(saved_ranks, "run"), num_ranks=saved_ranks, check=False,
+                          env={"REPARAM_FAULT_AT_STEP": "8"})
+    assert killed.returncode != 0
+    resumed = run_training(RECIPE, overrides(resumed_ranks, "run"), num_ranks=resumed_ranks)
+    checkpoints = tmp_path / "run/checkpoints"
+    assert f"converting {checkpoints / 'step_8'} to the universal checkpoint format" in resumed.stdout
+    assert f"resumed from {checkpoints / 'step_8'}" in resumed.stdout
+    assert "train.grad_accum_steps" in resumed.stdout  # reported as a changed setting
+    got, ref = losses(tmp_path / "run"), losses(tmp_path / "uninterrupted")
+    assert got[:8] == ref[:8]
+    assert got[8:] == pytest.approx(ref[8:], abs=0.05), (got, ref)

@@ -1,0 +1,69 @@
+"""What may change between a checkpoint and the run that continues it, and resuming at another world size.
+
+A resumed run must train the same model on the same data: a change to the architecture, sequence length,
+precision, ZeRO preset, seed or tokenizer is an error listing every differing key. Anything else (total steps,
+log/eval/save intervals, learning rate, batch size) is allowed and reported.
+
+A checkpoint written by a different number of ranks holds optimizer partitions of the wrong shape; it is
+converted once, by rank 0, to DeepSpeed's universal format (`step_<N>.universal/`), which any world size loads.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from train.errors import ResumeError
+
+BREAKING = ("model.", "data.seq_len", "data.train_split", "run.seed", "train.precision", "train.deepspeed_config",
+            "tokenizer_fingerprint")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_compatible(saved: dict, current: dict, checkpoint: Path) -> list[str]:
+    """Raise ResumeError if a breaking key differs; return 'key: old -> new' for the allowed changes."""
+    old, new = flatten(saved), flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    described = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+    breaking = [d for k, d in zip(changed, described) if k.startswith(BREAKING)]
+    if breaking:
+        raise ResumeError(f"cannot resume from {checkpoint}: the run changed in ways that change the model or its "
+                          f"data: {'; '.join(breaking)}. Restore them, or start a new run (another run.name)")
+    return described
+
+
+def convert_to_universal(directory: Path, tag: str, rank: int) -> str:
+    """Collective: rank 0 converts checkpoint `tag` to the universal format (once); returns the tag to load."""
+    universal = f"{tag}.universal"
+    target = directory / universal
+    error = [None]
+    if rank == 0 and not (target / "done").is_file():
+        staging = directory / f"{universal}.partial"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a conversion that was killed
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(directory / tag), "--output_folder", str(staging), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+        print(f"converting {directory / tag} to the universal checkpoint format: {' '.join(command)}", flush=True)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode == 0:
+            (staging / "done").touch()
+            staging.rename(target)
+        else:
+            error[0] = f"converting {directory / tag} to a universal checkpoint failed:\n{result.stderr[-3000:]}"
+    dist.broadcast_object_list(error, src=0)  # every rank fails together instead of waiting on a dead peer
+    if error[0]:
+        raise ResumeError(error[0])
+    return universal
