@@ -96,7 +96,8 @@ class Trainer:
 
         self.step = 0
         self.tokens_seen = 0
-        self.last_saved_step = None
+        self.last_checkpoint: Path | None = None  # and the step it holds is self.step right after save/resume
+        self.last_checkpoint_step: int | None = None
         self.resumed_from = None
         if found:
             self._resume(tag, load_tag)
@@ -124,8 +125,9 @@ class Trainer:
         client_state = self.checkpointer.load(self.engine, load_tag, rng_tag=tag)
         self.load_state_dict(client_state["trainer"])
         self.sampler.load_state_dict(client_state["sampler"])
-        self.last_saved_step = self.step
-        self.resumed_from = str(self.checkpointer.directory / tag)
+        self.last_checkpoint_step = self.step
+        self.last_checkpoint = self.checkpointer.directory / tag
+        self.resumed_from = str(self.last_checkpoint)
 
     def save(self) -> Path:
         client_state = {"trainer": self.state_dict(), "sampler": self.sampler.state_dict(),
@@ -137,9 +139,13 @@ class Trainer:
         path = self.checkpointer.save(self.engine, self.step, client_state,
                                       meta={"world_size": self.world_size, "config_fingerprint": self.cfg.fingerprint(),
                                             "identity": self._identity()})
-        self.last_saved_step = self.step
+        self.last_checkpoint, self.last_checkpoint_step = path, self.step
         self.metrics.print(f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
         return path
+
+    def checkpoint_now(self) -> Path:
+        """A checkpoint of the current step: the one already written for it, or a new one."""
+        return self.last_checkpoint if self.last_checkpoint_step == self.step else self.save()
 
     # ------------------------------------------------------------------------------------------------ loop
     def train_step(self) -> torch.Tensor:
@@ -202,7 +208,7 @@ class Trainer:
             interval_loss += self.train_step()
             interval_steps += 1
             if self.step % train.log_every == 0 or self.step == train.max_steps:
-                # The only host sync of the loop between evals: one all-reduce per log interval.
+                # Losses stay on the device between log points: one all-reduce and one read per interval.
                 dist.all_reduce(interval_loss)
                 train_loss = interval_loss.item() / (self.world_size * interval_steps)
                 elapsed = time.perf_counter() - interval_start
@@ -222,19 +228,20 @@ class Trainer:
                 if train.save_every and self.step % train.save_every == 0:
                     self.save()
             faults.inject("after_step", self.step, self.rank)
+            # The loop's one per-step host sync: a 4-byte all-reduce so all ranks stop at the same step.
             if self.step < train.max_steps and self.preemption.agreed():
                 self.preempted = True
                 break
         wall = time.perf_counter() - fit_start
         if self.preempted:
-            checkpoint = self.save() if self.last_saved_step != self.step else self._latest_checkpoint()
+            checkpoint = self.checkpoint_now()
             signalled = self.preemption.received_at
             self.metrics.print(f"preempted ({self.preemption.received or 'signal on another rank'}) at step "
                                f"{self.step}: checkpoint {checkpoint} on disk "
                                + (f"{time.time() - signalled:.1f}s after the signal" if signalled else ""))
         else:
             val_loss = self._log_eval()
-            checkpoint = self.save() if self.last_saved_step != self.step else self._latest_checkpoint()
+            checkpoint = self.checkpoint_now()
         steps_run = self.step - start_step
         summary = {
             "run_dir": str(self.run_dir), "steps": self.step, "steps_this_session": steps_run,
@@ -252,9 +259,6 @@ class Trainer:
         self.metrics.print(f"done: {self.step} steps, val_loss {val_loss}, checkpoint {checkpoint}\n"
                            f"TensorBoard: tensorboard --logdir {self.metrics.tb_dir}")
         return summary
-
-    def _latest_checkpoint(self) -> Path:
-        return self.checkpointer.directory / self.checkpointer.latest_tag()
 
     def close(self) -> None:
         if self.metrics is not None:

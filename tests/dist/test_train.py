@@ -80,3 +80,13 @@ def test_every_zero_preset_trains(preset, tiny_data, tmp_path):
     assert [s for s in metrics if "train/loss" in metrics[s]] == [1, 2, 3]
     assert all(metrics[s]["train/loss"] == metrics[s]["train/loss"] for s in (1, 2, 3))  # finite, not NaN
     assert (tmp_path / "quickstart/checkpoints/latest").read_text() == "step_3"
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_checkpoint(reference_run, tiny_data):
+    ref_dir, _ = reference_run
+    before = (ref_dir / f"checkpoints/step_{STEPS}/checkpoint.json").stat().st_mtime_ns
+    proc = run_training(RECIPE, reference_overrides(tiny_data, ref_dir.parent, "ref", stage=2, steps=STEPS))
+    assert f"resumed from {ref_dir / f'checkpoints/step_{STEPS}'}" in proc.stdout
+    summary = json.loads((ref_dir / "summary.json").read_text())
+    assert summary["steps_this_session"] == 0 and summary["checkpoint"] == str(ref_dir / f"checkpoints/step_{STEPS}")
+    assert (ref_dir / f"checkpoints/step_{STEPS}/checkpoint.json").stat().st_mtime_ns == before

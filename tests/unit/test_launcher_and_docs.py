@@ -1,4 +1,4 @@
-"""The local launcher's command and environment, and the README commands CI depends on."""
+"""The launcher's commands, environment and input errors, and the README commands CI depends on."""
 
 import os
 import re
@@ -6,25 +6,67 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from launcher.__main__ import rank_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def dry_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", "--config", "configs/quickstart.yaml", "--dry-run",
+                           *args], cwd=ROOT, env=env or os.environ, capture_output=True, text=True)
+
+
 def test_dry_run_prints_the_deepspeed_command_with_thread_share():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    out = subprocess.run([sys.executable, "-m", "launcher", "--config", "configs/quickstart.yaml", "--nproc", "2",
-                          "--dry-run", "train.max_steps=5"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    threads = max(1, os.cpu_count() // 2)
-    pattern = (rf"OMP_NUM_THREADS={threads} \S+/deepspeed --num_gpus 2 --master_port \d+ "
-               rf"{re.escape(str(ROOT / 'train/main.py'))} --config configs/quickstart.yaml train.max_steps=5")
-    assert re.fullmatch(pattern, out), out
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
+    out = dry_run("--nproc", "2", "train.max_steps=5", env=env)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    pattern = (rf"PYTHONPATH={ROOT} OMP_NUM_THREADS={threads} \S+/deepspeed --num_gpus 2 --master_port \d+ "
+               rf"--no_local_rank {ROOT}/launcher/rank.py {ROOT}/train/main.py "
+               rf"--config configs/quickstart.yaml train.max_steps=5")
+    assert out.returncode == 0 and re.fullmatch(pattern, out.stdout.strip()), out
 
 
-def test_explicit_thread_setting_wins():
-    assert rank_environment(2, {"OMP_NUM_THREADS": "3"}) == {}
-    assert rank_environment(os.cpu_count() * 2, {}) == {"OMP_NUM_THREADS": "1"}
+def test_hostfile_node_command_has_no_ssh_and_the_first_host_as_master(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("gpu-a slots=4  # master\ngpu-b slots=4\n")
+    out = dry_run("--hostfile", str(hostfile), "--node-rank", "1", "--master-port", "1234")
+    assert (f"--hostfile {hostfile} --no_ssh --node_rank 1 --master_addr gpu-a --master_port 1234 "
+            in out.stdout), out
+
+
+def test_node_rank_defaults_to_slurm_nodeid():
+    out = dry_run("--nodes", "n1,n2,n3", env={**os.environ, "SLURM_NODEID": "2"})
+    assert "--no_ssh --node_rank 2 --master_addr n1 --master_port 29500" in out.stdout, out
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--nodes", "a,b"], "--node-rank is required with --nodes/--hostfile: this host's index in the host list"),
+    (["--nodes", "a,b", "--node-rank", "2"], "--node-rank 2 is out of range: 2 host(s) listed"),
+    (["--nodes", "a,a", "--node-rank", "0"], "--nodes: host listed twice: a"),
+    (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+    (["--hostfile", "/nonexistent/hosts", "--node-rank", "0"],
+     "--hostfile: cannot read /nonexistent/hosts: No such file or directory"),
+    (["--nodes", "slurm"], "--nodes slurm: SLURM_JOB_NODELIST is not set; run inside an allocation (sbatch/salloc)"),
+])
+def test_bad_input_is_one_clear_error(args, error):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = dry_run(*args, env=env)
+    assert out.returncode == 2 and out.stderr.strip().endswith(f"error: {error}"), out.stderr
+
+
+def test_bad_hostfile_line_is_named(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1\nb slots=two\n")
+    out = dry_run("--hostfile", str(hostfile), "--node-rank", "0")
+    assert out.stderr.strip().endswith(f"error: --hostfile {hostfile} line 2: expected 'HOST slots=N', "
+                                       "got 'b slots=two'"), out.stderr
+
+
+def test_explicit_thread_setting_wins_and_pythonpath_is_kept():
+    assert rank_environment(2, {"OMP_NUM_THREADS": "3", "PYTHONPATH": "/x"}) == {"PYTHONPATH": f"{ROOT}:/x"}
+    assert rank_environment(os.cpu_count() * 2, {})["OMP_NUM_THREADS"] == "1"
 
 
 def readme_block_after(heading: str) -> str:

@@ -1,0 +1,33 @@
+"""One rank: `python launcher/rank.py train/main.py ARGS...` runs the script and names the rank if it fails.
+
+DeepSpeed's per-node launcher only says that *a* process failed, then kills the others; this wrapper sits between
+it and each rank so the log says which rank died and how (exit code or signal). Exit codes pass through; death by
+a signal becomes 128 + signal, a positive code that DeepSpeed's launchers propagate (they drop negative ones).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+PREEMPTED = 75  # train.preemption.EXIT_CODE, not imported: this wrapper must not load torch
+
+
+def main() -> int:
+    # The child inherits this process's dispositions (USR1 and TERM ignored by the launcher above it), so a
+    # signal sent to the whole process tree before the trainer installs its handlers cannot kill it.
+    child = subprocess.Popen([sys.executable, "-u", *sys.argv[1:]])
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    code = child.wait()
+    if code in (0, PREEMPTED):
+        return code
+    how = f"died from {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    print(f"launcher: rank {os.environ.get('RANK')} (local rank {os.environ.get('LOCAL_RANK')} on "
+          f"{socket.gethostname()}, node {os.environ.get('CROSS_RANK', '0')}) {how}", file=sys.stderr, flush=True)
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
