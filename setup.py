@@ -17,7 +17,9 @@ setup(
         "datasets==5.2.0",
         "tokenizers==0.23.3",
         "gigatoken==0.10.0",
-        "awkward==2.14.0",  # gigatoken returns awkward arrays; data_prep flattens them with it
+        "awkward==2.14.0",  # data_prep reads gigatoken's awkward output zero-copy
+        "zstandard==0.25.0",  # .jsonl.zst inputs
+        "Jinja2==3.1.6",  # chat templates for sft records
         "tensorboard==2.21.0",
         "safetensors==0.8.0",
         "peft==0.21.2",

@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "data_prep_bench"))
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: train one on the demo corpus)")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(CHILD), help="contenders to leave out")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per contender; the fastest counts (default 1)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     corpus, tok, text_bytes = build_inputs(workdir, args.mb, args.tokenizer)
@@ -130,7 +131,11 @@ def main() -> None:
             continue
         out = workdir / f"out_{name}"
         subprocess.run(["rm", "-rf", str(out), str(out) + "_cache"], check=True)
-        results[name] = run_child(name, corpus, tok, out, args.workers)
+        runs = []
+        for _ in range(args.repeat):
+            subprocess.run(["rm", "-rf", str(out), str(out) + "_cache"], check=True)
+            runs.append(run_child(name, corpus, tok, out, args.workers))
+        results[name] = min(runs, key=lambda r: r["work_s"])
         r = results[name]
         tokens = r["tokens"] if r["tokens"] >= 0 else results.get("hf", results.get("ours", r))["tokens"]
         print(f"{name:10s} work {r['work_s']:7.2f} s {text_bytes / 1e6 / r['work_s']:7.1f} MB/s "
@@ -142,9 +147,10 @@ def main() -> None:
         for name, target, key in (("gigatoken", 0.7, "work_s"), ("hf", 5.0, "work_s"), ("datasets", 10.0, "whole_s")):
             if name in results:
                 ratio = results[name][key] / ours[key]
+                work = results[name]["work_s"] / ours["work_s"]
                 whole = results[name]["whole_s"] / ours["whole_s"]
-                checks.append(f"ours vs {name}: {ratio:.2f}x ({key[:-2]}), {whole:.2f}x (whole); target >= {target}x "
-                              f"{'OK' if ratio >= target else 'MISSED'}")
+                checks.append(f"ours vs {name}: {work:.2f}x (work), {whole:.2f}x (whole); target >= {target}x on "
+                              f"{key[:-2]}: {'OK' if ratio >= target else 'MISSED'}")
         scaled = MEGATRON_S * corpus.stat().st_size / (64 << 20)
         checks.append(f"ours whole-process {ours['whole_s']:.2f} s vs Megatron preprocess_data_fast.py "
                       f"{scaled:.1f} s (8.5 s per 64 MiB): {'OK' if ours['whole_s'] < scaled else 'MISSED'}")
@@ -155,7 +161,11 @@ def main() -> None:
                 f.write(corpus.read_bytes())
         out2 = workdir / "out_ours_2x"
         subprocess.run(["rm", "-rf", str(out2)], check=True)
-        double = run_child("ours", corpus2, tok, out2, args.workers)
+        runs = []
+        for _ in range(args.repeat):
+            subprocess.run(["rm", "-rf", str(out2)], check=True)
+            runs.append(run_child("ours", corpus2, tok, out2, args.workers))
+        double = min(runs, key=lambda r: r["work_s"])
         growth = double["rss_mb"] / ours["rss_mb"] - 1
         checks.append(f"ours on 2x corpus: {double['work_s']:.2f} s, peak RSS {double['rss_mb']:.0f} MB vs "
                       f"{ours['rss_mb']:.0f} MB ({growth:+.0%}; target within 20%: {'OK' if abs(growth) <= 0.2 else 'MISSED'})")

@@ -1,4 +1,4 @@
-"""Command line: `python -m data_prep {demo-corpus,tokenizer,tokenize,verify} ...`.
+"""Command line: `python -m data_prep {demo-corpus,tokenizer,tokenize,merge,blend,verify} ...`.
 
 A DataError (bad input, bad directory) is printed as `error: <message>` with exit status 2 and no traceback;
 `verify` exits 1 when it finds problems.
@@ -7,9 +7,20 @@ A DataError (bad input, bad directory) is printed as `error: <message>` with exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from data_prep.errors import DataError
+
+
+def _slurm_count() -> int:
+    return int(os.environ.get("SLURM_ARRAY_TASK_COUNT") or 1)
+
+
+def _slurm_id() -> int:
+    if os.environ.get("SLURM_ARRAY_TASK_ID") is None:
+        return 0
+    return int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN") or 0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,12 +32,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="jsonl file to write")
     p.add_argument("--max-mb", type=float, default=8.0, help="stop after this many MB of text (default 8)")
 
-    inputs_help = "input files, directories or quoted globs (.jsonl: one JSON object per line; .txt: one document)"
+    inputs_help = ("input files, directories or quoted globs: .jsonl/.jsonl.gz/.jsonl.zst (one JSON object per "
+                   "line), .parquet, .csv (header row), .txt (see --txt-mode)")
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer and save a HuggingFace tokenizer dir")
     p.add_argument("--input", nargs="+", required=True, help=inputs_help)
     p.add_argument("--output", required=True, help="tokenizer directory to write (replaced if it exists)")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including special tokens")
-    p.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    p.add_argument("--text-field", action="append", default=None,
+                   help="field/column holding the text (default: text); repeat to join several with --field-join")
+    p.add_argument("--field-join", default="\n\n", help="string joining several --text-field values (default: "
+                                                         "a blank line)")
+    p.add_argument("--txt-mode", choices=("file", "paragraph"), default="file",
+                   help=".txt inputs: one document per file (default) or per blank-line separated block")
     p.add_argument("--model-max-length", type=int, default=2048,
                    help="model_max_length recorded in tokenizer_config.json (default 2048)")
 
@@ -34,11 +51,56 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help=inputs_help)
     p.add_argument("--tokenizer", required=True, help="HuggingFace tokenizer dir (with tokenizer.json)")
     p.add_argument("--output", required=True, help="shard directory to write (previous shards in it are replaced)")
-    p.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    p.add_argument("--record-kind", choices=("text", "sft", "classification"), default="text",
+                   help="text: pretraining stream (default); sft: prompt/response or chat messages with a loss mask; "
+                        "classification: text (+ text pair) and a label")
+    p.add_argument("--text-field", action="append", default=None,
+                   help="field/column holding the text (default: text); repeat to join several with --field-join")
+    p.add_argument("--field-join", default="\n\n", help="string joining several --text-field values (default: "
+                                                         "a blank line)")
+    p.add_argument("--txt-mode", choices=("file", "paragraph"), default="file",
+                   help=".txt inputs: one document per file (default) or per blank-line separated block")
+    p.add_argument("--prompt-field", default="prompt", help="sft: field holding the prompt (default: prompt)")
+    p.add_argument("--response-field", default="response", help="sft: field holding the response (default: response)")
+    p.add_argument("--messages-field", default=None,
+                   help="sft: field holding chat messages [{role, content}], rendered with the tokenizer's "
+                        "chat_template (instead of --prompt-field/--response-field)")
+    p.add_argument("--text-pair-field", default=None, help="classification: field holding the second text")
+    p.add_argument("--label-field", default="label", help="classification: field holding the label (default: label)")
+    p.add_argument("--labels", default=None,
+                   help="classification: comma-separated label set in id order (default: the sorted labels found)")
+    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
+                   help="error (default): stop at the first malformed record, naming file and line; skip: skip and "
+                        "count them by reason in the manifest")
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents for the val split")
+    p.add_argument("--val-count", type=int, default=0, help="number of documents for the val split")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of documents for the test split")
+    p.add_argument("--test-count", type=int, default=0, help="number of documents for the test split")
     p.add_argument("--shard-tokens", type=int, default=50_000_000,
                    help="start a new shard once one holds this many tokens (default 50_000_000)")
     p.add_argument("--batch-size", type=int, default=1024, help="documents encoded per batch (default 1024)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1); output is identical "
+                                                          "for any value")
+    p.add_argument("--chunk-mb", type=float, default=None,
+                   help="work unit size in MiB, the granularity of parallelism and of resuming (default: input "
+                        "size / 64, between 1 and 16)")
+    p.add_argument("--num-tasks", type=int, default=_slurm_count(),
+                   help="split the work over this many array tasks (default: $SLURM_ARRAY_TASK_COUNT or 1); "
+                        "then run `merge`")
+    p.add_argument("--task-id", type=int, default=_slurm_id(),
+                   help="this task's index in [0, --num-tasks) (default: $SLURM_ARRAY_TASK_ID - "
+                        "$SLURM_ARRAY_TASK_MIN, or 0)")
+
+    p = sub.add_parser("merge", help="assemble the parts written by `tokenize --num-tasks K` into shards + manifest")
+    p.add_argument("directory", nargs="?", help="the --output of the tokenize tasks")
+    p.add_argument("--output", dest="output", default=None, help="same as DIRECTORY")
+
+    p = sub.add_parser("blend", help="validate a blend spec (path: weight lines) and report realised proportions")
+    p.add_argument("spec", help="blend spec file: one `shard_dir: weight` per line (or a JSON object)")
+    p.add_argument("--split", default="train", help="split to sample (default train)")
+    p.add_argument("--seq-len", type=int, default=2048, help="window length for text shards (default 2048)")
+    p.add_argument("--samples", type=int, default=1_000_000, help="samples to draw for the report (default 1e6)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("verify", help="re-check every shard's size and sha256 against manifest.json")
     p.add_argument("directory", help="shard directory (the --output of tokenize)")
@@ -56,13 +118,33 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.readers import expand_inputs
         from data_prep.train_tokenizer import train_tokenizer
 
-        train_tokenizer(expand_inputs(args.input), args.output, args.vocab_size, args.text_field,
-                        args.model_max_length)
+        train_tokenizer(expand_inputs(args.input), args.output, args.vocab_size, args.text_field or ["text"],
+                        args.model_max_length, txt_mode=args.txt_mode, field_join=args.field_join)
     elif args.command == "tokenize":
         from data_prep.pipeline import tokenize_corpus
+        from data_prep.records import RecordSpec
 
-        tokenize_corpus(args.input, args.tokenizer, args.output, args.text_field, args.val_fraction,
-                        args.shard_tokens, args.batch_size)
+        spec = RecordSpec(kind=args.record_kind, text_fields=tuple(args.text_field or ["text"]),
+                          field_join=args.field_join, prompt_field=args.prompt_field,
+                          response_field=args.response_field, messages_field=args.messages_field,
+                          text_pair_field=args.text_pair_field, label_field=args.label_field,
+                          labels=tuple(x.strip() for x in args.labels.split(",")) if args.labels else None,
+                          txt_mode=args.txt_mode, on_bad=args.on_bad_record)
+        tokenize_corpus(args.input, args.tokenizer, args.output, val_fraction=args.val_fraction,
+                        shard_tokens=args.shard_tokens, batch_size=args.batch_size, spec=spec,
+                        val_count=args.val_count, test_fraction=args.test_fraction, test_count=args.test_count,
+                        workers=args.workers, chunk_mb=args.chunk_mb, num_tasks=args.num_tasks, task_id=args.task_id)
+    elif args.command == "merge":
+        from data_prep.pipeline import merge
+
+        directory = args.directory or args.output
+        if directory is None:
+            raise DataError("merge: give the shard directory (the --output of the tokenize tasks)")
+        merge(directory)
+    elif args.command == "blend":
+        from data_prep.blend import report
+
+        print(report(args.spec, args.split, args.seq_len, args.samples, args.seed))
     elif args.command == "verify":
         from data_prep.verify import verify_shards
 

@@ -77,7 +77,8 @@ def special_token_ids(directory: str | Path, tokenizer: Tokenizer) -> dict:
 class TokenizerBackend:
     """Encodes batches to (flat uint32 ids, per-document lengths). `name` is the backend in use and `reason` why."""
 
-    def __init__(self, directory: str | Path, sample_texts: Sequence[str] = (), backend: str | None = None):
+    def __init__(self, directory: str | Path, sample_texts: Sequence[str] = (), backend: str | None = None,
+                 checked: bool = False):
         self.directory = Path(directory)
         self.tokenizer = load_tokenizer(directory)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -86,8 +87,14 @@ class TokenizerBackend:
         if backend is not None and backend not in BACKENDS:
             raise DataError(f"{BACKEND_ENV}={backend!r}: unknown backend; use one of {', '.join(BACKENDS)}")
         self._giga = None
+        self.parallel: bool | None = None  # gigatoken's thread pool: None = its default (on, except in workers)
         if backend == "tokenizers":
             self.name, self.reason = "tokenizers", f"forced by {BACKEND_ENV}"
+            return
+        if checked and backend == "gigatoken":  # a worker: the parent already compared gigatoken with tokenizers
+            import gigatoken
+
+            self._giga, self.name, self.reason = gigatoken.Tokenizer(self.tokenizer), "gigatoken", "checked by parent"
             return
         self._giga, self.reason = self._try_gigatoken(sample_texts)
         if self._giga is not None:
@@ -115,12 +122,20 @@ class TokenizerBackend:
         return giga, f"gigatoken ids equal tokenizers ids on {len(sample)} sample documents"
 
     @staticmethod
-    def _encode_gigatoken(giga, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        import awkward as ak  # gigatoken returns an awkward ragged array; awkward ships as its dependency
+    def _encode_gigatoken(giga, texts: Sequence[str], parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        # An awkward ragged array: offsets + flat ids, read zero-copy. parallel=False encodes on this thread (our
+        # worker threads run several batches at once; gigatoken releases the GIL while encoding).
+        ragged = giga.encode_batch(list(texts), parallel=parallel)
+        layout = ragged.layout
+        try:
+            offsets = np.asarray(layout.offsets.data, dtype=np.int64)
+            flat = np.asarray(layout.content.data, dtype=np.uint32)[offsets[0]:offsets[-1]]
+            return flat, np.diff(offsets)
+        except AttributeError:  # another layout than ListOffsetArray(NumpyArray): the generic (copying) way
+            import awkward as ak  # ships as gigatoken's dependency
 
-        ragged = giga.encode_batch(list(texts))
-        flat = np.asarray(ak.flatten(ragged, axis=1), dtype=np.uint32)
-        return flat, np.asarray(ak.num(ragged, axis=1), dtype=np.int64)
+            flat = np.asarray(ak.flatten(ragged, axis=1), dtype=np.uint32)
+            return flat, np.asarray(ak.num(ragged, axis=1), dtype=np.int64)
 
     def _encode_tokenizers(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
@@ -132,6 +147,8 @@ class TokenizerBackend:
     def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(uint32 ids of all documents concatenated, int64 number of ids per document); no eos added."""
         if self._giga is not None:
+            if self.parallel is not None:
+                return self._encode_gigatoken(self._giga, texts, self.parallel)
             return self._encode_gigatoken(self._giga, texts)
         return self._encode_tokenizers(texts)
 

@@ -34,14 +34,19 @@ def tokenizer_fingerprint(directory: str | Path) -> str:
 
 
 def build_manifest(*, tokenizer_dir: str | Path, vocab_size: int, special_ids: dict, backend: str, dtype: str,
-                   splits: dict[str, list[dict]], inputs: list[str], val_fraction: float, counts: dict) -> dict:
-    """The manifest dict; `splits` maps a split name to its ShardWriter.close() entries."""
-    return {
+                   splits: dict[str, list[dict]], inputs: list[str], val_fraction: float, counts: dict,
+                   record_kind: str = "text", fingerprint: str | None = None, chat_template_sha256: str | None = None,
+                   extra: dict | None = None, prep: dict | None = None) -> dict:
+    """The manifest dict; `splits` maps a split name to its ShardWriter.close() entries. `extra` holds the record
+    kind's section ("sft" or "classification"); `prep` what the output depends on (its `key` drives re-runs)."""
+    manifest = {
         "format_version": FORMAT_VERSION,
-        "record_kind": "text",
-        "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "fingerprint": tokenizer_fingerprint(tokenizer_dir),
+        "record_kind": record_kind,
+        "tokenizer": {"path": str(Path(tokenizer_dir).resolve()),
+                      "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer_dir),
                       "vocab_size": int(vocab_size), "eos_id": special_ids["eos_id"],
-                      "bos_id": special_ids.get("bos_id"), "pad_id": special_ids.get("pad_id"), "backend": backend},
+                      "bos_id": special_ids.get("bos_id"), "pad_id": special_ids.get("pad_id"), "backend": backend,
+                      "chat_template_sha256": chat_template_sha256},
         "dtype": dtype,
         "splits": {name: {"num_tokens": sum(s["num_tokens"] for s in shards),
                           "num_docs": sum(s["num_docs"] for s in shards), "shards": shards}
@@ -50,6 +55,10 @@ def build_manifest(*, tokenizer_dir: str | Path, vocab_size: int, special_ids: d
         "val_fraction": float(val_fraction),
         "counts": dict(counts),
     }
+    manifest.update(extra or {})
+    if prep is not None:
+        manifest["prep"] = prep
+    return manifest
 
 
 def write_manifest(directory: str | Path, manifest: dict) -> Path:

@@ -1,41 +1,69 @@
-"""Documents from input files: expand files/directories/globs, then stream `.jsonl` and `.txt` documents.
+"""Input files -> raw records: expand files/directories/globs, plan them into work units, stream each format.
 
-Everything is a generator, so a corpus of any size is read one line (jsonl) or one file (txt) at a time. Malformed
-input stops the run with a `DataError` that names `file:line` and the fix; it is never skipped silently, because a
-silently shrunk corpus is worse than a stopped run.
+Formats (by file name): `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object per line), `.parquet` (read in record
+batches through pyarrow), `.csv` (header row names the fields) and `.txt` (one document per file, or one per
+blank-line separated block with `txt_mode="paragraph"`). Everything streams: a corpus is never held in memory.
+
+A record that cannot be read (bad JSON, bad UTF-8, not an object, ...) comes out as a `BadRecord` with a stable
+`reason` and a message; `data_prep.records` decides whether that stops the run (the default) or is counted and
+skipped. Problems that concern a whole file (a parquet/csv file without the requested column, an unreadable file)
+always stop the run.
+
+Work units: a plain `.jsonl` file, or a `.txt` file in paragraph mode, is cut into byte ranges of about
+`chunk_bytes` that start at a line start (paragraph mode: after a blank line); a parquet file into runs of row
+groups; `.gz`/`.zst`/`.csv`/one-document `.txt` files are read whole. Consecutive small pieces share a unit. The plan
+depends only on the file list, the files' sizes/contents and `chunk_bytes`, never on the number of workers.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
+import gzip
+import io
 import json
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 from data_prep.errors import DataError
 
-SUPPORTED_SUFFIXES = (".jsonl", ".txt")
+SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".csv", ".txt")
+TXT_MODES = ("file", "paragraph")
 
 
 class Document(NamedTuple):
     text: str
     source: str  # the input file, as expanded
-    line: int  # 1-based line of the record (jsonl) or 1 (txt: the whole file is one document)
+    line: int  # 1-based line (jsonl, txt paragraph) or row (csv, parquet); 1 for a whole-file txt document
+
+
+class BadRecord(NamedTuple):
+    reason: str  # stable id counted in the manifest: invalid_utf8, invalid_json, not_an_object, ...
+    message: str  # without the location; the caller prefixes "<file>:<line>: "
 
 
 @dataclass
 class ReadStats:
-    """Counters updated while reading; `docs_read` includes the empty documents that were dropped."""
+    """Counters updated while reading; `docs_read` counts every record, including the dropped and skipped ones."""
 
     docs_read: int = 0
     docs_empty_dropped: int = 0
     bytes_read: int = 0
+    bad_records: dict = field(default_factory=dict)  # reason -> count (--on-bad-record skip)
 
     def as_dict(self) -> dict:
         return {"docs_read": self.docs_read, "docs_empty_dropped": self.docs_empty_dropped,
-                "bytes_read": self.bytes_read}
+                "bytes_read": self.bytes_read, "bad_records": dict(sorted(self.bad_records.items()))}
+
+    def add(self, other: dict) -> None:
+        self.docs_read += other["docs_read"]
+        self.docs_empty_dropped += other["docs_empty_dropped"]
+        self.bytes_read += other["bytes_read"]
+        for reason, n in other["bad_records"].items():
+            self.bad_records[reason] = self.bad_records.get(reason, 0) + n
 
 
 def _json_type(value) -> str:
@@ -43,8 +71,22 @@ def _json_type(value) -> str:
     return names.get(type(value), "null")
 
 
+def input_format(path: str) -> str | None:
+    """'jsonl', 'parquet', 'csv', 'txt' or None (unsupported)."""
+    for suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
+        if path.endswith(suffix):
+            return "jsonl"
+    for fmt in ("parquet", "csv", "txt"):
+        if path.endswith("." + fmt):
+            return fmt
+    return None
+
+
 def _supported(path: str) -> bool:
-    return path.endswith(SUPPORTED_SUFFIXES)
+    return input_format(path) is not None
+
+
+UNSUPPORTED_HINT = "use .jsonl/.jsonl.gz/.jsonl.zst, .parquet, .csv or .txt"
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
@@ -59,18 +101,17 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     for arg in inputs:
         if os.path.isfile(arg):
             if not _supported(arg):
-                raise DataError(f"{arg}: unsupported input type; use .jsonl (one JSON object per line) or .txt "
-                                "(one document per file)")
+                raise DataError(f"{arg}: unsupported input type; {UNSUPPORTED_HINT}")
             matches = [arg]
         elif os.path.isdir(arg):
             matches = sorted(str(p) for p in Path(arg).rglob("*") if p.is_file() and _supported(p.name))
             if not matches:
-                raise DataError(f"{arg}: directory holds no .jsonl or .txt files")
+                raise DataError(f"{arg}: directory holds no supported input files ({UNSUPPORTED_HINT})")
         else:
             found = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
             matches = [p for p in found if _supported(p)]
             if not matches:
-                what = "matches only unsupported files (use .jsonl or .txt)" if found else "matches no file"
+                what = f"matches only unsupported files ({UNSUPPORTED_HINT})" if found else "matches no file"
                 raise DataError(f"input {arg!r} {what}; check the path or pattern (quote globs so the shell "
                                 "does not expand them)")
         for path in matches:
@@ -82,60 +123,320 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     return files
 
 
-def _decode(raw: bytes, source: str, line: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # Report where the bad byte is instead of a codec traceback; for a .txt file, find its line.
-        line += raw.count(b"\n", 0, exc.start)
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise DataError(f"{source}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
-                        "fix the record or re-encode the file as UTF-8") from None
+# ---------------------------------------------------------------------------------------------- work units
 
 
-def _jsonl_documents(path: str, text_field: str, stats: ReadStats) -> Iterator[Document]:
-    hint_field = f"pass --text-field with the field that holds the text (now {text_field!r})"
-    with open(path, "rb") as f:  # binary, so a bad byte is reported with its line instead of a codec crash
-        for number, raw in enumerate(f, start=1):
-            stats.bytes_read += len(raw)
-            line = _decode(raw, path, number)
+class Piece(NamedTuple):
+    """Part of one input file: bytes [start, end) (plain jsonl, paragraph txt), row groups [start, end) (parquet),
+    or the whole file (start 0, end -1)."""
+
+    path: str
+    start: int
+    end: int
+
+
+def _splittable(path: str, txt_mode: str) -> bool:
+    return path.endswith(".jsonl") or (path.endswith(".txt") and txt_mode == "paragraph")
+
+
+def _next_boundary(f, target: int, paragraph: bool) -> int:
+    """The first line start >= target (paragraph: the first position after a blank line at or after target)."""
+    f.seek(target - 1)
+    f.readline()  # ends the line holding byte target-1; we are now at a line start >= target
+    if paragraph:
+        while line := f.readline():
             if not line.strip():
-                continue  # blank lines (e.g. a trailing one) are not records
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                "fix the record or remove the line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: record is a JSON {_json_type(record)}, not an object; "
-                                "fix the record or remove the line")
-            if text_field not in record:
-                fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-                raise DataError(f"{path}:{number}: record has no field {text_field!r} (fields: {fields}); "
-                                f"fix the record or {hint_field}")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{number}: field {text_field!r} is a JSON {_json_type(text)}, not a "
-                                f"string; fix the record or {hint_field}")
-            yield Document(text, path, number)
+                break
+    return f.tell()
 
 
-def _txt_documents(path: str, stats: ReadStats) -> Iterator[Document]:
+def _byte_ranges(path: str, size: int, chunk_bytes: int, paragraph: bool) -> list[tuple[int, int]]:
+    ranges, start = [], 0
     with open(path, "rb") as f:
-        raw = f.read()
-    stats.bytes_read += len(raw)
-    yield Document(_decode(raw, path, 1), path, 1)
+        while start < size:
+            end = size if start + chunk_bytes >= size else min(_next_boundary(f, start + chunk_bytes, paragraph), size)
+            ranges.append((start, end))
+            start = end
+    return ranges or [(0, 0)]
 
 
-def iter_documents(files: Iterable[str], text_field: str = "text", stats: ReadStats | None = None
-                   ) -> Iterator[Document]:
-    """Non-empty documents of `files` in order; empty or whitespace-only ones are dropped and counted in `stats`."""
+def _parquet_ranges(path: str, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for damaged files
+        raise DataError(f"{path}: cannot be read as parquet ({exc})") from None
+    ranges, start, size = [], 0, 0
+    for g in range(meta.num_row_groups):
+        size += meta.row_group(g).total_byte_size
+        if size >= chunk_bytes:
+            ranges.append((start, g + 1, size))
+            start, size = g + 1, 0
+    if start < meta.num_row_groups or not ranges:
+        ranges.append((start, meta.num_row_groups, size))
+    return ranges
+
+
+class Unit(NamedTuple):
+    pieces: list  # of Piece, in input order
+    size: int  # approximate bytes on disk, for progress/ETA
+
+
+def plan_units(files: list[str], chunk_bytes: int, txt_mode: str = "file") -> list[Unit]:
+    """Deterministic work units (lists of pieces, in input order) of about `chunk_bytes` each."""
+    units: list[Unit] = []
+    current: list[Piece] = []
+    current_size = 0
+    for path in files:
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+        if _splittable(path, txt_mode):
+            pieces = [(Piece(path, a, b), b - a) for a, b in _byte_ranges(path, size, chunk_bytes,
+                                                                           path.endswith(".txt"))]
+        elif path.endswith(".parquet"):
+            ranges = _parquet_ranges(path, chunk_bytes)
+            total = sum(s for _, _, s in ranges) or 1
+            pieces = [(Piece(path, a, b), size * s // total) for a, b, s in ranges]
+        else:
+            pieces = [(Piece(path, 0, -1), size)]
+        for piece, piece_size in pieces:
+            if current and current_size + piece_size > chunk_bytes:
+                units.append(Unit(current, current_size))
+                current, current_size = [], 0
+            current.append(piece)
+            current_size += piece_size
+    if current:
+        units.append(Unit(current, current_size))
+    return units
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+# Each reader yields (number, record) with number = 1-based line/row *within the piece* and record a dict, a str
+# (txt) or a BadRecord. `location(piece, number)` turns that into "file:line" for messages.
+
+
+def _decode_error(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, BadRecord]:
+    """(extra lines before the bad byte, BadRecord) for a UTF-8 error in `raw`."""
+    lines = raw.count(b"\n", 0, exc.start)
+    column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+    return lines, BadRecord("invalid_utf8", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
+                                            "fix the record or re-encode the file as UTF-8")
+
+
+def _open_lines(piece: Piece):
+    """A binary line iterator over the piece's bytes, and a closer."""
+    path = piece.path
+    if path.endswith(".gz"):
+        f = gzip.open(path, "rb")
+    elif path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        raw = open(path, "rb")
+        f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+    else:
+        f = open(path, "rb")
+        if piece.end >= 0:
+            f.seek(piece.start)
+    return f
+
+
+def _lines(piece: Piece, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
+    f = _open_lines(piece)
+    try:
+        remaining = piece.end - piece.start if piece.end >= 0 else -1
+        number = 0
+        for raw in f:
+            number += 1
+            stats.bytes_read += len(raw)
+            yield number, raw
+            if remaining >= 0:
+                remaining -= len(raw)
+                if remaining <= 0:
+                    break
+    except (OSError, EOFError) as exc:  # truncated/corrupt .gz or .zst
+        raise DataError(f"{piece.path}: cannot be decompressed ({exc}); the file is damaged") from None
+    except Exception as exc:
+        if type(exc).__name__ == "ZstdError":
+            raise DataError(f"{piece.path}: cannot be decompressed ({exc}); the file is damaged") from None
+        raise
+    finally:
+        f.close()
+
+
+def _jsonl_records(piece: Piece, stats: ReadStats) -> Iterator[tuple[int, object]]:
+    for number, raw in _lines(piece, stats):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, _decode_error(raw, exc)[1]
+            continue
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing one) are not records
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, BadRecord("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); "
+                                                    "fix the record or remove the line")
+            continue
+        if not isinstance(record, dict):
+            yield number, BadRecord("not_an_object", f"record is a JSON {_json_type(record)}, not an object; "
+                                                     "fix the record or remove the line")
+            continue
+        yield number, record
+
+
+def _txt_records(piece: Piece, stats: ReadStats, txt_mode: str) -> Iterator[tuple[int, object]]:
+    if txt_mode == "file":
+        with open(piece.path, "rb") as f:
+            raw = f.read()
+        stats.bytes_read += len(raw)
+        try:
+            yield 1, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            lines, bad = _decode_error(raw, exc)
+            yield 1 + lines, bad
+        return
+    block: list[bytes] = []
+    first = 0
+    for number, raw in _lines(piece, stats):
+        if raw.strip():
+            if not block:
+                first = number
+            block.append(raw)
+            continue
+        if block:
+            yield _txt_block(block, first)
+            block = []
+    if block:
+        yield _txt_block(block, first)
+
+
+def _txt_block(block: list[bytes], first: int) -> tuple[int, object]:
+    raw = b"".join(block)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lines, bad = _decode_error(raw, exc)
+        return first + lines, bad
+    return first, text[:-1] if text.endswith("\n") else text
+
+
+def _check_columns(path: str, columns: list[str], fields: list[tuple[str, str]]) -> None:
+    for field, flag in fields:
+        if field not in columns:
+            shown = ", ".join(repr(c) for c in columns[:10]) or "none"
+            raise DataError(f"{path}: no column {field!r} (columns: {shown}); pass {flag} with the column that "
+                            "holds it")
+
+
+def _parquet_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]]) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(piece.path)
+    except Exception as exc:
+        raise DataError(f"{piece.path}: cannot be read as parquet ({exc})") from None
+    columns = pf.schema_arrow.names
+    _check_columns(piece.path, columns, fields)
+    names = list(dict.fromkeys(f for f, _ in fields))
+    meta = pf.metadata
+    start, end = (piece.start, piece.end) if piece.end >= 0 else (0, meta.num_row_groups)
+    number = 0  # row number inside the piece
+    for batch in pf.iter_batches(batch_size=4096, row_groups=list(range(start, end)), columns=names):
+        stats.bytes_read += batch.nbytes
+        values = [batch.column(name).to_pylist() for name in names]
+        for row in zip(*values):
+            number += 1
+            yield number, dict(zip(names, row))
+
+
+def _csv_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]]) -> Iterator[tuple[int, object]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are long; the default limit is 128 KiB
+    # surrogateescape: a bad byte becomes a lone surrogate, reported per row instead of a codec crash.
+    with open(piece.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        _check_columns(piece.path, header, fields)
+        width = len(header)
+        number = 0
+        for row in reader:
+            number += 1
+            stats.bytes_read += sum(len(v) for v in row) + len(row)
+            if not row:
+                continue
+            if len(row) != width:
+                yield number, BadRecord("csv_field_count", f"row has {len(row)} fields, the header has {width}; "
+                                                           "fix the row (quote fields that hold commas)")
+                continue
+            record = dict(zip(header, row))
+            for field, _ in fields:
+                try:
+                    record[field].encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    bad = record[field][exc.start].encode("utf-8", "surrogateescape")[0]
+                    yield number, BadRecord("invalid_utf8", f"field {field!r} is not valid UTF-8 (byte 0x{bad:02x}"
+                                                            f" at character {exc.start + 1}); fix the row or "
+                                                            "re-encode the file as UTF-8")
+                    break
+            else:
+                yield number, record
+
+
+def iter_piece(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]], txt_mode: str = "file"
+               ) -> Iterator[tuple[int, object]]:
+    """(number within the piece, record) for every record of the piece; record: dict, str (txt) or BadRecord.
+    `fields` are (field, flag) pairs the caller needs; parquet/csv files without such a column raise DataError."""
+    fmt = input_format(piece.path)
+    if fmt == "jsonl":
+        return _jsonl_records(piece, stats)
+    if fmt == "txt":
+        return _txt_records(piece, stats, txt_mode)
+    if fmt == "parquet":
+        return _parquet_records(piece, stats, fields)
+    return _csv_records(piece, stats, fields)
+
+
+def location(piece: Piece, number: int) -> str:
+    """'file:line' (jsonl, txt) or 'file:row N' (csv: data row, parquet: row) for record `number` of the piece."""
+    fmt = input_format(piece.path)
+    if fmt == "parquet":
+        start_row = 0
+        if piece.end >= 0:
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(piece.path).metadata
+            start_row = sum(meta.row_group(g).num_rows for g in range(piece.start))
+        return f"{piece.path}:row {start_row + number}"
+    if fmt == "csv":
+        return f"{piece.path}:row {number}"
+    base = 0
+    if piece.end >= 0 and piece.start > 0:  # a piece in the middle of a file: count the lines before it (rare path)
+        with open(piece.path, "rb") as f:
+            remaining = piece.start
+            while remaining > 0 and (chunk := f.read(min(remaining, 8 << 20))):
+                base += chunk.count(b"\n")
+                remaining -= len(chunk)
+    return f"{piece.path}:{base + number}"
+
+
+def iter_documents(files: Iterable[str], text_field: str | list[str] = "text", stats: ReadStats | None = None,
+                   txt_mode: str = "file", field_join: str = "\n\n") -> Iterator[Document]:
+    """Non-empty text documents of `files` in order (error on the first bad record); empty or whitespace-only ones
+    are dropped and counted in `stats`. Used by tokenizer training; `tokenize` goes through `data_prep.records`."""
+    from data_prep.records import RecordSpec, Extractor
+
+    fields = [text_field] if isinstance(text_field, str) else list(text_field)
+    extractor = Extractor(RecordSpec(text_fields=tuple(fields), field_join=field_join, txt_mode=txt_mode))
     stats = stats if stats is not None else ReadStats()
     for path in files:
-        docs = _jsonl_documents(path, text_field, stats) if path.endswith(".jsonl") else _txt_documents(path, stats)
-        for doc in docs:
-            stats.docs_read += 1
-            if not doc.text.strip():
-                stats.docs_empty_dropped += 1
-                continue
-            yield doc
+        piece = Piece(path, 0, -1)
+        for number, example in extractor.examples(piece, stats):
+            yield Document(example.segments[0], path, number)

@@ -5,6 +5,8 @@ Per split, shard `k` is two files:
                              document's tokens are followed by the eos id.
   `<split>_<k:05d>.idx.npy`  np.int64 start offset of each document in that shard's tokens, num_docs + 1 long,
                              the last entry = the shard's num_tokens.
+For record_kind sft, also `<split>_<k:05d>.mask.bin` (uint8 per token, 1 = loss on this token); for
+classification `<split>_<k:05d>.labels.npy` (np.int64 label id per document). See docs/data_prep.md.
 A document never straddles two shards; a new shard starts once the current one holds >= shard_tokens. The split's
 shards, sizes and sha256s are listed in `manifest.json` (see `data_prep.manifest`).
 """
@@ -21,7 +23,7 @@ import numpy as np
 from data_prep.errors import DataError
 from data_prep.manifest import load_manifest
 
-__all__ = ["ShardWriter", "ShardSet", "load_manifest", "dtype_for_vocab", "shard_names"]
+__all__ = ["ShardWriter", "ShardSet", "load_manifest", "dtype_for_vocab", "shard_names", "extra_names"]
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -34,37 +36,78 @@ def shard_names(split: str, k: int) -> tuple[str, str]:
     return f"{split}_{k:05d}.bin", f"{split}_{k:05d}.idx.npy"
 
 
+def extra_names(split: str, k: int) -> tuple[str, str]:
+    """(sft loss-mask file, classification labels file) names of shard `k` of `split`."""
+    return f"{split}_{k:05d}.mask.bin", f"{split}_{k:05d}.labels.npy"
+
+
+def _write_atomic(path: Path, data: bytes) -> str:
+    """Write `data` to `path` via a temp name + fsync + rename; returns its sha256."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)  # .npy bytes built in memory so they are hashed once, as written
+    return buffer.getvalue()
+
+
 class ShardWriter:
     """Appends batches of documents to a split's shards, rolling over to a new shard at `shard_tokens`.
 
     Files are written under a temp name (`.<name>.tmp`) and renamed when the shard is complete; sha256 is updated
-    from the bytes as they are written, so nothing is read back.
+    from the bytes as they are written, so nothing is read back. `with_mask` (sft) writes a parallel uint8
+    `.mask.bin` per shard; `with_labels` (classification) a per-document int64 `.labels.npy`.
     """
 
-    def __init__(self, out_dir: str | Path, split: str, dtype, shard_tokens: int):
+    def __init__(self, out_dir: str | Path, split: str, dtype, shard_tokens: int, with_mask: bool = False,
+                 with_labels: bool = False):
         if shard_tokens < 1:
             raise ValueError("shard_tokens must be >= 1")
         self.out_dir = Path(out_dir)
         self.split = split
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shard_tokens = int(shard_tokens)
+        self.with_mask, self.with_labels = with_mask, with_labels
         self.entries: list[dict] = []
         self._file = None  # the open temp .bin of the current shard, or None between shards
 
     def _open(self) -> None:
         self._bin_name, self._idx_name = shard_names(self.split, len(self.entries))
+        self._mask_name, self._labels_name = extra_names(self.split, len(self.entries))
         self._tmp = self.out_dir / f".{self._bin_name}.tmp"
         self._file = open(self._tmp, "wb")
         self._sha = hashlib.sha256()
+        if self.with_mask:
+            self._mask_tmp = self.out_dir / f".{self._mask_name}.tmp"
+            self._mask_file = open(self._mask_tmp, "wb")
+            self._mask_sha = hashlib.sha256()
         self._lengths: list[np.ndarray] = []  # document lengths of this shard, one array per add() slice
+        self._labels: list[np.ndarray] = []
         self._num_tokens = 0
 
-    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
-        """Append whole documents: `tokens` is their ids concatenated (eos included), `doc_lengths` their sizes."""
+    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray, mask: np.ndarray | None = None,
+            labels: np.ndarray | None = None) -> None:
+        """Append whole documents: `tokens` is their ids concatenated (eos included), `doc_lengths` their sizes,
+        `mask` one uint8 per token (with_mask), `labels` one int per document (with_labels)."""
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
         doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
         if int(doc_lengths.sum()) != len(tokens):
             raise ValueError(f"doc_lengths sum to {int(doc_lengths.sum())} but {len(tokens)} tokens were given")
+        if self.with_mask:
+            mask = np.ascontiguousarray(mask, dtype=np.uint8)
+            if len(mask) != len(tokens):
+                raise ValueError("mask must hold one entry per token")
+        if self.with_labels:
+            labels = np.asarray(labels, dtype=np.int64)
+            if len(labels) != len(doc_lengths):
+                raise ValueError("labels must hold one entry per document")
         ends = np.cumsum(doc_lengths)
         first_doc, first_token = 0, 0
         # One iteration per shard touched, not per document: a slice of documents goes into each shard.
@@ -78,34 +121,44 @@ class ShardWriter:
             chunk = tokens[first_token:end_token]
             self._file.write(memoryview(chunk).cast("B"))
             self._sha.update(memoryview(chunk).cast("B"))
+            if self.with_mask:
+                mask_chunk = memoryview(mask[first_token:end_token])
+                self._mask_file.write(mask_chunk)
+                self._mask_sha.update(mask_chunk)
+            if self.with_labels:
+                self._labels.append(labels[first_doc:last_doc + 1])
             self._lengths.append(doc_lengths[first_doc:last_doc + 1])
             self._num_tokens += len(chunk)
             first_doc, first_token = last_doc + 1, end_token
             if self._num_tokens >= self.shard_tokens:
                 self._finish()
 
+    @staticmethod
+    def _close_file(f, tmp: Path, final: Path) -> None:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, final)
+
     def _finish(self) -> None:
-        """Close the current shard: fsync + rename its tokens, write its index, record its entry."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        """Close the current shard: fsync + rename its tokens (and mask), write its index (and labels), record it."""
+        self._close_file(self._file, self._tmp, self.out_dir / self._bin_name)
         self._file = None
-        os.replace(self._tmp, self.out_dir / self._bin_name)
+        entry = {"file": self._bin_name, "index": self._idx_name, "num_tokens": self._num_tokens}
+        if self.with_mask:
+            self._close_file(self._mask_file, self._mask_tmp, self.out_dir / self._mask_name)
         lengths = np.concatenate(self._lengths)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        buffer = io.BytesIO()
-        np.save(buffer, offsets)  # .npy bytes built in memory so they are hashed once, as written
-        index_bytes = buffer.getvalue()
-        tmp_index = self.out_dir / f".{self._idx_name}.tmp"
-        with open(tmp_index, "wb") as f:
-            f.write(index_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_index, self.out_dir / self._idx_name)
-        self.entries.append({"file": self._bin_name, "index": self._idx_name, "num_tokens": self._num_tokens,
-                             "num_docs": len(lengths), "sha256": self._sha.hexdigest(),
-                             "index_sha256": hashlib.sha256(index_bytes).hexdigest()})
+        index_sha = _write_atomic(self.out_dir / self._idx_name, _npy_bytes(offsets))
+        entry.update({"num_docs": len(lengths), "sha256": self._sha.hexdigest(), "index_sha256": index_sha})
+        if self.with_mask:
+            entry.update({"mask": self._mask_name, "mask_sha256": self._mask_sha.hexdigest()})
+        if self.with_labels:
+            labels = np.concatenate(self._labels).astype(np.int64)
+            entry.update({"labels": self._labels_name,
+                          "labels_sha256": _write_atomic(self.out_dir / self._labels_name, _npy_bytes(labels))})
+        self.entries.append(entry)
 
     def close(self) -> list[dict]:
         """Finish the last (partial) shard; return every shard's manifest entry."""
@@ -122,6 +175,9 @@ class ShardWriter:
             self._file.close()
             self._file = None
             self._tmp.unlink(missing_ok=True)
+            if self.with_mask:
+                self._mask_file.close()
+                self._mask_tmp.unlink(missing_ok=True)
 
 
 class ShardSet:
@@ -176,6 +232,26 @@ class ShardSet:
                 raise DataError(f"{path}: cannot read shard index ({exc}); re-run `python -m data_prep tokenize`"
                                 ) from None
         return self._offsets[i]
+
+    def loss_mask(self, i: int) -> np.memmap:
+        """sft: shard `i`'s loss mask, uint8 per token (1 = train on this token), a read-only memmap."""
+        entry = self._entries[i]
+        if "mask" not in entry:
+            raise DataError(f"{self.directory}: record_kind {self.manifest.get('record_kind')!r} has no loss mask")
+        path = self.directory / entry["mask"]
+        if not path.is_file() or path.stat().st_size != entry["num_tokens"]:
+            raise DataError(f"{path}: missing or not {entry['num_tokens']} bytes; run `python -m data_prep verify`")
+        return np.memmap(path, dtype=np.uint8, mode="r", shape=(entry["num_tokens"],))
+
+    def labels(self, i: int) -> np.ndarray:
+        """classification: shard `i`'s label id per document (int64, num_docs long)."""
+        entry = self._entries[i]
+        if "labels" not in entry:
+            raise DataError(f"{self.directory}: record_kind {self.manifest.get('record_kind')!r} has no labels")
+        try:
+            return np.load(self.directory / entry["labels"], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.directory / entry['labels']}: cannot read labels ({exc})") from None
 
     def __getstate__(self) -> dict:
         # Pickled into worker processes without the open memmaps (which would be copied); reopened lazily there.

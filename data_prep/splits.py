@@ -26,3 +26,90 @@ def val_mask(first_ordinal: int, count: int, val_fraction: float) -> np.ndarray:
     ordinals = np.arange(first_ordinal, first_ordinal + count, dtype=np.uint64)
     uniform = (splitmix64(ordinals) >> np.uint64(11)).astype(np.float64) * 2.0**-53
     return (uniform < val_fraction) | (ordinals == 0)
+
+
+# ---------------------------------------------------------------------------------------------- val + test, counts
+#
+# SplitSpec generalises val_mask: document n has hash h = splitmix64(n) (a bijection on uint64, so no ties). It goes
+# to val iff h < A, to test iff A <= h < B, else to train. By fraction, A = ceil(val_fraction * 2**53) << 11, which
+# is exactly `val_mask`'s rule (top 53 bits / 2**53 < val_fraction), and B = A + ceil(test_fraction * 2**53) << 11.
+# By count, A is one more than the val_count-th smallest hash (so exactly val_count documents fall below it) and B
+# one more than the test_count-th smallest hash >= A. The val rule "document 0 goes to val" applies to val by
+# fraction, as in val_mask. Everything depends on the document ordinal (and, for counts, on the total number of
+# documents), never on workers, batches, chunks or files.
+
+SPLIT_CHUNK = 1 << 20
+
+
+class SplitSpec:
+    def __init__(self, val_fraction: float = 0.0, val_count: int = 0, test_fraction: float = 0.0,
+                 test_count: int = 0):
+        from data_prep.errors import DataError
+
+        for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+            if not 0.0 <= value < 1.0:
+                raise DataError(f"{name} {value} must be in [0, 1)")
+        for name, value in (("--val-count", val_count), ("--test-count", test_count)):
+            if value < 0:
+                raise DataError(f"{name} {value} must be >= 0")
+        if val_fraction and val_count:
+            raise DataError("give --val-fraction or --val-count, not both")
+        if test_fraction and test_count:
+            raise DataError("give --test-fraction or --test-count, not both")
+        if val_fraction + test_fraction >= 1.0:
+            raise DataError(f"--val-fraction + --test-fraction = {val_fraction + test_fraction} must be < 1")
+        self.val_fraction, self.val_count = float(val_fraction), int(val_count)
+        self.test_fraction, self.test_count = float(test_fraction), int(test_count)
+
+    def as_dict(self) -> dict:
+        return {"val_fraction": self.val_fraction, "val_count": self.val_count,
+                "test_fraction": self.test_fraction, "test_count": self.test_count}
+
+    def split_names(self) -> list[str]:
+        names = ["train"]
+        if self.val_fraction or self.val_count:
+            names.append("val")
+        if self.test_fraction or self.test_count:
+            names.append("test")
+        return names
+
+    @staticmethod
+    def _kth_smallest_at_least(num_docs: int, k: int, low: int) -> int:
+        """The k-th smallest hash >= low among documents 0..num_docs-1 (streamed in chunks: O(k + chunk) memory)."""
+        best = np.empty(0, dtype=np.uint64)
+        for first in range(0, num_docs, SPLIT_CHUNK):
+            h = splitmix64(np.arange(first, min(first + SPLIT_CHUNK, num_docs), dtype=np.uint64))
+            h = np.concatenate([best, h[h >= np.uint64(low)]])
+            best = np.partition(h, k - 1)[:k] if len(h) > k else h
+        return int(np.sort(best)[k - 1])
+
+    def thresholds(self, num_docs: int) -> tuple[int, int]:
+        """(A, B) for a corpus of num_docs documents (see above); DataError if a count cannot be met."""
+        from data_prep.errors import DataError
+
+        if self.val_count + self.test_count >= num_docs and (self.val_count or self.test_count):
+            raise DataError(f"--val-count {self.val_count} + --test-count {self.test_count} leave no training "
+                            f"documents: the inputs hold {num_docs}")
+        if self.val_count:
+            a = self._kth_smallest_at_least(num_docs, self.val_count, 0) + 1
+        else:
+            a = int(np.ceil(self.val_fraction * 2.0**53)) << 11
+        if self.test_count:
+            b = self._kth_smallest_at_least(num_docs, self.test_count, a) + 1
+        else:
+            b = a + (int(np.ceil(self.test_fraction * 2.0**53)) << 11)
+        return a, b
+
+    def assign(self, first_ordinal: int, count: int, thresholds: tuple[int, int]) -> np.ndarray:
+        """uint8 per document: 0 train, 1 val, 2 test."""
+        a, b = thresholds
+        ordinals = np.arange(first_ordinal, first_ordinal + count, dtype=np.uint64)
+        h = splitmix64(ordinals)
+        out = np.zeros(count, dtype=np.uint8)
+        if a:
+            out[h < np.uint64(min(a, 2**64 - 1))] = 1
+        if b > a:
+            out[(h >= np.uint64(min(a, 2**64 - 1))) & (h < np.uint64(min(b, 2**64 - 1)))] = 2
+        if self.val_fraction > 0:
+            out[ordinals == 0] = 1
+        return out

@@ -1,4 +1,5 @@
-"""`verify`: re-check a shard directory against its manifest (sizes, sha256 of every file, index consistency)."""
+"""`verify`: re-check a shard directory against its manifest (sizes, sha256 of every file incl. sft masks and
+classification labels, index consistency)."""
 
 from __future__ import annotations
 
@@ -51,4 +52,24 @@ def verify_shards(directory: str | Path) -> tuple[list[str], dict]:
                 if (len(offsets) != shard["num_docs"] + 1 or offsets[0] != 0
                         or offsets[-1] != shard["num_tokens"] or np.any(np.diff(offsets) <= 0)):
                     problems.append(f"{index}: offsets are not 0 .. num_tokens, increasing, num_docs + 1 long")
+            if "mask" in shard:  # sft: uint8 per token
+                mask = directory / shard["mask"]
+                if not mask.is_file():
+                    problems.append(f"{mask}: missing")
+                elif mask.stat().st_size != shard["num_tokens"]:
+                    problems.append(f"{mask}: {mask.stat().st_size} bytes, manifest says {shard['num_tokens']}")
+                elif _sha256(mask) != shard["mask_sha256"]:
+                    problems.append(f"{mask}: sha256 differs from the manifest (file changed or corrupt)")
+            if "labels" in shard:  # classification: int64 per document
+                labels = directory / shard["labels"]
+                if not labels.is_file():
+                    problems.append(f"{labels}: missing")
+                elif _sha256(labels) != shard["labels_sha256"]:
+                    problems.append(f"{labels}: sha256 differs from the manifest (file changed or corrupt)")
+                else:
+                    values = np.load(labels, allow_pickle=False)
+                    num_labels = manifest.get("classification", {}).get("num_labels", 0)
+                    if len(values) != shard["num_docs"] or (len(values) and (values.min() < 0
+                                                                             or values.max() >= num_labels)):
+                        problems.append(f"{labels}: not num_docs label ids in [0, num_labels)")
     return problems, manifest

@@ -106,15 +106,19 @@ class TrainConfig:
     keep_last: int = _field(0, "Checkpoints to keep (the newest ones); 0 keeps all. The newest is never deleted.")
     keep_every: int = _field(0, "Also keep every checkpoint whose step is a multiple of this (with keep_last); "
                                 "0 disables.")
+    nonfinite_max_in_a_row: int = _field(3, "A non-finite loss or gradient skips the update; this many in a row "
+                                            "roll back to the last checkpoint and skip the offending batches.")
+    nonfinite_max_rollbacks: int = _field(2, "Rollbacks allowed before the run stops with a report.")
     collective_timeout_s: int = _field(600, "Seconds a collective may wait for the other ranks before the run "
                                             "fails; bounds the hang when a rank or node dies.")
 
     def __post_init__(self):
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches",
+                    "nonfinite_max_in_a_row"):
             _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.collective_timeout_s >= 1, "train.collective_timeout_s",
                  f"must be >= 1, got {self.collective_timeout_s}")
-        for key in ("eval_every", "save_every", "keep_last", "keep_every"):
+        for key in ("eval_every", "save_every", "keep_last", "keep_every", "nonfinite_max_rollbacks"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.precision in ("bf16", "fp16", "fp32"), "train.precision",
                  f"must be bf16, fp16 or fp32, got {self.precision!r}")

@@ -44,6 +44,7 @@ class GlobalBatchSampler:
     each optimizer step consumes the next `global_batch` positions of it (a tail shorter than a global batch is
     skipped). Inside a step, rank `r`'s micro-batch `m` takes positions `[(m * world + r) * micro, ... + micro)`.
     The whole state is `(epoch, position)`, so restoring it is O(1) and replays nothing, at any world size.
+    Global batches marked with `skip` (batches that made the loss non-finite) are passed over.
     """
 
     VERSION = 1
@@ -63,6 +64,8 @@ class GlobalBatchSampler:
                              "use more data, a shorter data.seq_len or a smaller batch")
         self.epoch = 0
         self.position = 0
+        self.step_start = (0, 0)  # (epoch, position) of the global batch the last next_step() returned
+        self.skipped: set[tuple[int, int]] = set()
         self._order_epoch = None
         self._order = None
 
@@ -74,18 +77,27 @@ class GlobalBatchSampler:
 
     def next_step(self) -> list[np.ndarray]:
         """This rank's window indices for each micro-batch of the next optimizer step."""
-        if self.position + self.global_batch > self.num_windows:
-            self.epoch += 1
-            self.position = 0
+        while True:
+            if self.position + self.global_batch > self.num_windows:
+                self.epoch += 1
+                self.position = 0
+            if (self.epoch, self.position) not in self.skipped:
+                break
+            self.position += self.global_batch
+        self.step_start = (self.epoch, self.position)
         step = self._epoch_order()[self.position:self.position + self.global_batch]
         self.position += self.global_batch
         micro = self.micro_batch
         return [step[(m * self.world_size + self.rank) * micro:][:micro] for m in range(self.accum_steps)]
 
+    def skip(self, batches) -> None:
+        """Never train on these global batches, given as (epoch, position) of their start."""
+        self.skipped.update(tuple(b) for b in batches)
+
     def state_dict(self) -> dict:
         return {"version": self.VERSION, "epoch": self.epoch, "position": self.position,
                 "num_windows": self.num_windows, "global_batch": self.global_batch, "world_size": self.world_size,
-                "seed": self.seed}
+                "seed": self.seed, "skipped": sorted(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != self.VERSION:
@@ -98,6 +110,7 @@ class GlobalBatchSampler:
         # size) the run still consumes exactly the continuation of the same window sequence.
         self.epoch = state["epoch"]
         self.position = state["position"]
+        self.skipped = {tuple(b) for b in state["skipped"]}
 
 
 def eval_batches(num_windows: int, micro_batch: int, world_size: int, rank: int, max_batches: int):

@@ -2,8 +2,8 @@
 
 SIGUSR1 (Slurm's `--signal=USR1@lead`) or SIGTERM (what schedulers and DeepSpeed's launcher send before SIGKILL)
 only sets a flag; the handler does no I/O, so a second signal arriving during the save changes nothing. Ranks may
-receive the signal at different times (or only one of them at all), so at every step boundary they agree with one
-tiny all-reduce: if any rank was signalled, all of them save the same step and exit with EXIT_CODE.
+receive the signal at different times (or only one of them at all), so the trainer all-reduces the flag at every
+step boundary: if any rank was signalled, all of them save the same step and exit with EXIT_CODE.
 """
 
 from __future__ import annotations
@@ -11,27 +11,17 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
-import torch.distributed as dist
-
 EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; batch scripts requeue on it
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionFlag:
-    def __init__(self, device):
+    def __init__(self):
         self.received: str | None = None
         self.received_at: float | None = None
-        self._flag = torch.zeros((), dtype=torch.int32, device=device)
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received, self.received_at = signal.Signals(signum).name, time.time()
-
-    def agreed(self) -> bool:
-        """True on every rank once any rank has been signalled (collective: call on all ranks together)."""
-        self._flag.fill_(1 if self.received else 0)
-        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
-        return bool(self._flag.item())

@@ -26,7 +26,7 @@ from train import faults, preemption, resume
 from train.checkpoint import Checkpointer, write_atomic
 from train.config import Config
 from train.data import GlobalBatchSampler, TokenWindows, eval_batches
-from train.errors import ConfigError, ResumeError
+from train.errors import ConfigError, RunError
 from train.metrics import Metrics
 from train.model import build_causal_lm, build_hf_config, count_parameters, param_groups
 from train.rng import seed_everything
@@ -96,14 +96,19 @@ class Trainer:
 
         self.step = 0
         self.tokens_seen = 0
+        self.nonfinite_steps = 0  # steps whose loss or gradients were not finite
+        self.rollbacks = 0
+        self._nonfinite_batches: list[tuple[int, int]] = []  # the current run of non-finite steps
         self.last_checkpoint: Path | None = None  # and the step it holds is self.step right after save/resume
         self.last_checkpoint_step: int | None = None
         self.resumed_from = None
         if found:
             self._resume(tag, load_tag)
+            self.resumed_from = str(self.last_checkpoint)
 
-        self.preemption = preemption.PreemptionFlag(self.engine.device)
+        self.preemption = preemption.PreemptionFlag()
         self.preempted = False
+        self._step_flags = torch.zeros(2, dtype=torch.int32, device=self.engine.device)
         self.metrics = Metrics(self.run_dir, enabled=self.rank == 0)
         if self.rank == 0:
             resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -112,10 +117,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_steps,
+                "rollbacks": self.rollbacks}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.nonfinite_steps, self.rollbacks = state["nonfinite_steps"], state["rollbacks"]
 
     def _identity(self) -> dict:
         """What a checkpoint must agree with for this run to continue it (see train.resume)."""
@@ -127,7 +134,6 @@ class Trainer:
         self.sampler.load_state_dict(client_state["sampler"])
         self.last_checkpoint_step = self.step
         self.last_checkpoint = self.checkpointer.directory / tag
-        self.resumed_from = str(self.last_checkpoint)
 
     def save(self) -> Path:
         client_state = {"trainer": self.state_dict(), "sampler": self.sampler.state_dict(),
@@ -156,7 +162,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.engine.device)
         for indices in self.sampler.next_step():
             input_ids = self.train_windows.batch(indices).to(self.engine.device, non_blocking=True)
-            loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+            loss = faults.poison(self.engine(input_ids=input_ids, labels=input_ids).loss, self.sampler, self.rank)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed only updates at the accumulation boundary
             loss_sum += loss.detach().float()
@@ -183,6 +189,60 @@ class Trainer:
                               f"windows of {self.cfg.data.seq_len} tokens; use a larger split or data.val_split=''")
         return (totals[0] / totals[1]).item()
 
+    def _agree(self, step_loss: torch.Tensor) -> tuple[bool, bool]:
+        """(was any rank signalled, was any rank's loss non-finite): the loop's one per-step host sync, a tiny
+        all-reduce so that every rank stops, skips or rolls back at the same step."""
+        self._step_flags[0] = 1 if self.preemption.received else 0
+        self._step_flags[1] = (~torch.isfinite(step_loss)).int()
+        dist.all_reduce(self._step_flags, op=dist.ReduceOp.MAX)
+        signalled, nonfinite = self._step_flags.tolist()
+        # DeepSpeed skips an update whose gradients overflow (bf16/fp16, every ZeRO stage): non-finite too.
+        return bool(signalled), bool(nonfinite) or not self.engine.was_step_applied()
+
+    def _on_nonfinite(self) -> bool:
+        """The update was skipped (DeepSpeed found non-finite gradients) or, where DeepSpeed applies it anyway
+        (fp32 on ZeRO-0), it may have corrupted the weights: roll back then, or after too many skips in a row.
+        Returns whether it rolled back."""
+        self.nonfinite_steps += 1
+        self._nonfinite_batches.append(self.sampler.step_start)
+        self.metrics.log(self.step, {"train/nonfinite_steps": self.nonfinite_steps})
+        applied = self.engine.was_step_applied()
+        in_a_row = len(self._nonfinite_batches)
+        if not applied and in_a_row < self.cfg.train.nonfinite_max_in_a_row:
+            self.metrics.print(f"step {self.step}: non-finite loss or gradients, update skipped ({in_a_row} in a row)")
+            return False
+        reason = ("non-finite loss or gradients and this ZeRO stage applied the update" if applied else
+                  f"{in_a_row} steps in a row with non-finite loss or gradients")
+        if self.rollbacks >= self.cfg.train.nonfinite_max_rollbacks:
+            raise RunError(f"step {self.step}: {reason}; stopping after {self.rollbacks} rollbacks "
+                           f"(train.nonfinite_max_rollbacks). {self.nonfinite_steps} non-finite steps so far; "
+                           "lower optim.lr, raise optim.warmup_steps or check the data")
+        found = self.checkpointer.find_latest()
+        if found is None:
+            raise RunError(f"step {self.step}: {reason}, and there is no checkpoint to roll back to; lower optim.lr "
+                           "or save checkpoints earlier (train.save_every)")
+        counters = self.nonfinite_steps, self.rollbacks + 1
+        skipped = self.sampler.skipped | set(self._nonfinite_batches)
+        failed_step = self.step
+        self._resume(found[0], found[0])
+        self.nonfinite_steps, self.rollbacks = counters
+        self.sampler.skip(skipped)
+        self._nonfinite_batches.clear()
+        self.metrics.print(f"step {failed_step}: {reason}; rolled back to {self.last_checkpoint}, skipping "
+                           f"{len(skipped)} bad batch(es) (rollback {self.rollbacks} of "
+                           f"{self.cfg.train.nonfinite_max_rollbacks})")
+        return True
+
+    def _log_train(self, train_loss: float, steps: int, elapsed: float) -> None:
+        tokens_per_s = steps * self.tokens_per_step / elapsed
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)
+        self.metrics.log(self.step, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                     "train/tokens_per_s": tokens_per_s})
+        self.metrics.print(f"step {self.step}/{self.cfg.train.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                           f"grad_norm {grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s")
+
     def _log_eval(self) -> float | None:
         val_loss = self.evaluate()
         if val_loss is not None:
@@ -205,31 +265,30 @@ class Trainer:
         interval_steps, interval_start = 0, time.perf_counter()
         train_loss = val_loss = None
         while self.step < train.max_steps:
-            interval_loss += self.train_step()
-            interval_steps += 1
-            if self.step % train.log_every == 0 or self.step == train.max_steps:
+            step_loss = self.train_step()
+            signalled, nonfinite = self._agree(step_loss)
+            if nonfinite:
+                if self._on_nonfinite():  # rolled back: the interval's losses belong to undone steps
+                    interval_loss.zero_()
+                    interval_steps, interval_start = 0, time.perf_counter()
+            else:
+                self._nonfinite_batches.clear()
+                interval_loss += step_loss
+                interval_steps += 1
+            if interval_steps and (self.step % train.log_every == 0 or self.step == train.max_steps):
                 # Losses stay on the device between log points: one all-reduce and one read per interval.
                 dist.all_reduce(interval_loss)
                 train_loss = interval_loss.item() / (self.world_size * interval_steps)
-                elapsed = time.perf_counter() - interval_start
-                tokens_per_s = interval_steps * self.tokens_per_step / elapsed
-                grad_norm = self.engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                lr = lr_at(self.step - 1, cfg.optim, train.max_steps)
-                self.metrics.log(self.step, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                             "train/tokens_per_s": tokens_per_s})
-                self.metrics.print(f"step {self.step}/{train.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                                   f"grad_norm {grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s")
+                self._log_train(train_loss, interval_steps, time.perf_counter() - interval_start)
                 interval_loss.zero_()
                 interval_steps, interval_start = 0, time.perf_counter()
-            if self.step < train.max_steps:
+            if self.step < train.max_steps and not nonfinite:
                 if train.eval_every and self.step % train.eval_every == 0:
                     val_loss = self._log_eval()
                 if train.save_every and self.step % train.save_every == 0:
                     self.save()
             faults.inject("after_step", self.step, self.rank)
-            # The loop's one per-step host sync: a 4-byte all-reduce so all ranks stop at the same step.
-            if self.step < train.max_steps and self.preemption.agreed():
+            if signalled and self.step < train.max_steps:
                 self.preempted = True
                 break
         wall = time.perf_counter() - fit_start
@@ -251,6 +310,7 @@ class Trainer:
             "tensorboard_dir": str(self.metrics.tb_dir), "resumed_from": self.resumed_from,
             "world_size": self.world_size, "parameters": self.total_params,
             "config_fingerprint": cfg.fingerprint(), "preempted": self.preempted,
+            "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks,
         }
         if self.rank == 0:
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())

@@ -3,6 +3,7 @@ corrupt checkpoints, changed configs, and resume at another world size."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 
@@ -118,3 +119,45 @@ def test_resume_at_another_world_size_continues_the_run(saved_ranks, resumed_ran
     got, ref = losses(tmp_path / "run"), losses(tmp_path / "uninterrupted")
     assert got[:8] == ref[:8]
     assert got[8:] == pytest.approx(ref[8:], abs=0.05), (got, ref)
+
+
+def test_one_nonfinite_batch_skips_the_update_and_training_goes_on(tiny_data, tmp_path):
+    proc = run_training(RECIPE, reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS),
+                        env={"REPARAM_FAULT_NAN_STEPS": "6"})
+    assert "step 6: non-finite loss or gradients, update skipped (1 in a row)" in proc.stdout
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[6] == {"step": 6, "time": metrics[6]["time"], "train/nonfinite_steps": 1}
+    finite = [metrics[s]["train/loss"] for s in range(1, STEPS + 1) if s != 6]
+    assert all(loss == loss and loss < 10 for loss in finite), finite
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert (summary["steps"], summary["nonfinite_steps"], summary["rollbacks"]) == (STEPS, 1, 0)
+
+
+@pytest.mark.parametrize("stage, precision, nan_steps, expected", [
+    (2, "bf16", "6,7", "step 7: 2 steps in a row with non-finite loss or gradients; rolled back to {ckpt}, skipping 2 bad "
+               "batch(es) (rollback 1 of 2)"),
+    # DeepSpeed skips non-finite updates in bf16/fp16 on every stage, but ZeRO-0 in fp32 applies them.
+    (0, "fp32", "6", "step 6: non-finite loss or gradients and this ZeRO stage applied the update; rolled back to {ckpt}, "
+             "skipping 1 bad batch(es) (rollback 1 of 2)"),
+])
+def test_repeated_nonfinite_rolls_back_and_skips_the_bad_batches(stage, precision, nan_steps, expected, tiny_data,
+                                                                  tmp_path):
+    overrides = [*reference_overrides(tiny_data, tmp_path, "run", stage=stage, steps=STEPS),
+                 "train.nonfinite_max_in_a_row=2", f"train.precision={precision}"]
+    proc = run_training(RECIPE, overrides, env={"REPARAM_FAULT_NAN_STEPS": nan_steps})
+    assert expected.format(ckpt=tmp_path / "run/checkpoints/step_4") in proc.stdout, proc.stdout[-3000:]
+    metrics = read_metrics(tmp_path / "run")
+    losses = [metrics[s]["train/loss"] for s in range(1, STEPS + 1)]
+    assert all(loss == loss and loss < 10 for loss in losses), losses  # finite after the rollback
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert (summary["steps"], summary["rollbacks"]) == (STEPS, 1)
+
+
+def test_too_many_rollbacks_stop_the_run_with_a_report(tiny_data, tmp_path):
+    overrides = [*reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS),
+                 "train.nonfinite_max_in_a_row=2", "train.nonfinite_max_rollbacks=0"]
+    proc = run_training(RECIPE, overrides, check=False, env={"REPARAM_FAULT_NAN_STEPS": "6,7"})
+    assert proc.returncode == 2
+    assert ("error: step 7: 2 steps in a row with non-finite loss or gradients; stopping after 0 rollbacks "
+            "(train.nonfinite_max_rollbacks). 2 non-finite steps so far; lower optim.lr, raise optim.warmup_steps "
+            "or check the data") in proc.stderr

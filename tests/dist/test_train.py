@@ -57,13 +57,13 @@ def test_resume_never_refuses_an_existing_run(reference_run, tiny_data):
 def test_preemption_signal_saves_exits_75_and_resumes_exactly(sig, reference_run, tiny_data, tmp_path):
     ref_dir, _ = reference_run
     overrides = reference_overrides(tiny_data, tmp_path, "pre", stage=2, steps=STEPS)
-    # The signal reaches rank 1 only: both ranks must still agree to stop at the same step.
+    # The signal reaches rank 1 only, after step 5: both ranks agree at the end of step 6 and save it.
     preempted = run_training(RECIPE, overrides, check=False, env={
         "REPARAM_FAULT_AT_STEP": "5", "REPARAM_FAULT_RANK": "1", "REPARAM_FAULT_SIGNAL": sig})
     assert preempted.returncode == 75, preempted.stderr[-3000:]
     run_dir = tmp_path / "pre"
-    assert (run_dir / "checkpoints/latest").read_text() == "step_5"
-    assert "preempted (signal on another rank) at step 5: checkpoint" in preempted.stdout
+    assert (run_dir / "checkpoints/latest").read_text() == "step_6"
+    assert "preempted (signal on another rank) at step 6: checkpoint" in preempted.stdout
     assert json.loads((run_dir / "summary.json").read_text())["preempted"] is True
     if sig == "TERM":
         return

@@ -229,15 +229,17 @@ def test_manifest_fields_and_checksums(tiny, tmp_path):
     manifest = tokenize_corpus([str(tiny["jsonl"])], tiny["tokenizer"], out, val_fraction=0.1, shard_tokens=800)
     assert manifest == json.loads((out / "manifest.json").read_text()) == load_manifest(out)
     assert set(manifest) == {"format_version", "record_kind", "tokenizer", "dtype", "splits", "inputs",
-                             "val_fraction", "counts"}
+                             "val_fraction", "counts", "prep"}
     assert (manifest["format_version"], manifest["record_kind"], manifest["dtype"]) == (1, "text", "uint16")
     tok = manifest["tokenizer"]
     assert tok == {"path": str(tiny["tokenizer"].resolve()), "fingerprint": tokenizer_fingerprint(tiny["tokenizer"]),
                    "vocab_size": tiny["hf"].get_vocab_size(with_added_tokens=True), "eos_id": 0, "bos_id": 0,
-                   "pad_id": 1, "backend": "gigatoken"}
+                   "pad_id": 1, "backend": "gigatoken", "chat_template_sha256": None}
     assert manifest["val_fraction"] == 0.1 and manifest["inputs"] == [str(tiny["jsonl"])]
     assert manifest["counts"] == {"docs_read": 120, "docs_empty_dropped": 0,
-                                  "bytes_read": tiny["jsonl"].stat().st_size}
+                                  "bytes_read": tiny["jsonl"].stat().st_size, "bad_records": {}}
+    assert manifest["prep"]["splits"] == {"val_fraction": 0.1, "val_count": 0, "test_fraction": 0.0, "test_count": 0}
+    assert manifest["prep"]["shard_tokens"] == 800 and len(manifest["prep"]["key"]) == 64
     for split, info in manifest["splits"].items():
         assert info["num_tokens"] == sum(s["num_tokens"] for s in info["shards"])
         for shard in info["shards"]:
@@ -366,13 +368,14 @@ def test_unmatched_glob_and_unsupported_file(tmp_path):
     with pytest.raises(DataError) as info:
         expand_inputs([pattern])
     assert str(info.value).startswith(f"input {pattern!r} matches no file;")
-    (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match=r"x\.csv: unsupported input type"):
-        expand_inputs([str(tmp_path / "x.csv")])
+    (tmp_path / "x.xlsx").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"x\.xlsx: unsupported input type; use \.jsonl/\.jsonl\.gz/\.jsonl\.zst, "
+                                        r"\.parquet, \.csv or \.txt"):
+        expand_inputs([str(tmp_path / "x.xlsx")])
 
 
 def test_inputs_expand_in_order_and_sorted(tmp_path):
-    for name in ("b.jsonl", "a.jsonl", "sub/c.txt", "sub/a.txt", "skip.csv"):
+    for name in ("b.jsonl", "a.jsonl", "sub/c.txt", "sub/a.txt", "skip.xlsx"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text('{"text": "x"}\n')
     assert expand_inputs([str(tmp_path / "sub"), str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl")]) == [
@@ -435,6 +438,7 @@ def test_data_prep_never_imports_torch_transformers_or_deepspeed(tiny, tmp_path)
 import sys
 import data_prep.__main__, data_prep.backend, data_prep.demo_corpus, data_prep.manifest, data_prep.pipeline
 import data_prep.readers, data_prep.shards, data_prep.splits, data_prep.train_tokenizer, data_prep.verify
+import data_prep.records, data_prep.blend, data_prep.progress
 from data_prep.pipeline import tokenize_corpus
 tokenize_corpus([{str(tiny["jsonl"])!r}], {str(tiny["tokenizer"])!r}, {str(tmp_path / "out")!r})
 print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "transformers", "deepspeed"}}))

@@ -125,3 +125,16 @@ def test_checkpoint_verification_names_the_bad_file(tmp_path):
     assert verify(tmp_path) == "b.pt has 0 bytes, checkpoint.json records 1"
     (tmp_path / "b.pt").write_bytes(b"x")
     assert verify(tmp_path) is None
+
+
+def test_skipped_batches_are_passed_over_and_survive_state_restore():
+    plain = GlobalBatchSampler(40, 2, 1, 2, rank=0, seed=1)  # global batch 4, 10 steps per epoch
+    order = [plain.next_step()[0].tolist() for _ in range(12)]
+    sampler = GlobalBatchSampler(40, 2, 1, 2, rank=0, seed=1)
+    sampler.skip([(0, 8), (0, 36), (1, 0)])  # steps 3 and 10 of epoch 0, step 1 of epoch 1
+    got = [sampler.next_step()[0].tolist() for _ in range(9)]
+    assert got == order[:2] + order[3:9] + order[11:12]
+    assert sampler.step_start == (1, 4)
+    restored = GlobalBatchSampler(40, 2, 1, 2, rank=0, seed=1)
+    restored.load_state_dict(sampler.state_dict())
+    assert restored.skipped == {(0, 8), (0, 36), (1, 0)}
