@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `train` importable
+from train.model import param_groups  # noqa: E402  (the same AdamW groups as our trainer)
 
 
 class TokenWindowDataset(torch.utils.data.Dataset):
@@ -44,18 +48,6 @@ class TokenWindowDataset(torch.utils.data.Dataset):
         offset = int(index - self.starts[shard]) * self.seq_len
         ids = torch.from_numpy(np.asarray(self.shards[shard][offset:offset + self.seq_len], dtype=np.int64))
         return {"input_ids": ids, "labels": ids}
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Same grouping as `train.model.param_groups`: decay matrices only (not biases, norms or embeddings)."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions leave param.shape empty
-        (decay if ndim >= 2 and id(param) not in embeddings else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def parse_args(argv=None):

@@ -8,6 +8,7 @@ import random
 import shutil
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, read_metrics, reference_overrides, run_training
 
@@ -68,6 +69,10 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(references, tiny_data,
     assert f"resumed from {checkpoints / 'step_4'}" in resumed.stdout
     assert losses(tmp_path / "run") == losses(references(2))
     assert not (checkpoints / "step_8.partial").exists() and (checkpoints / "step_8").is_dir()
+    final, reference = (torch.load(d / f"checkpoints/step_{STEPS}/mp_rank_00_model_states.pt", weights_only=False)
+                        ["module"] for d in (tmp_path / "run", references(2)))
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in final)  # final weights bit-identical
 
 
 def test_truncated_checkpoint_is_skipped_for_the_previous_good_one(references, tiny_data, tmp_path):
