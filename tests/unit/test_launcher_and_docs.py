@@ -86,3 +86,13 @@ def test_readme_quickstart_uses_shipped_files():
     for path in re.findall(r"--config (\S+)", command):
         assert (ROOT / path).is_file(), path
 
+
+
+def test_the_readme_test_command_collects_every_test_file():
+    """pytest skips directories named like build outputs (`dist`, `build`, ...) unless told otherwise: every test
+    file under tests/ must be collected by the plain `pytest tests` that CI runs."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests"], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    collected = {line.split("::")[0] for line in out.splitlines() if "::" in line}
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")}
+    assert collected == on_disk
