@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENTRY = ROOT / "train" / "main.py"
 RANK_WRAPPER = ROOT / "launcher" / "rank.py"
 DEFAULT_MULTI_NODE_PORT = 29500
+PREEMPTED = 75  # train.preemption.EXIT_CODE
 
 
 def free_port() -> int:
@@ -138,8 +139,13 @@ def main(argv=None) -> int:
     else:
         def forward(child):
             return f"asked {process.signal_ranks(child, str(ENTRY))} local rank(s) to checkpoint and exit"
-    code = process.run(command, {**os.environ, **extra}, forward)
-    if code not in (0, 75):
+    with tempfile.TemporaryDirectory(prefix="reparam-ranks-") as status_dir:
+        code = process.run(command, {**os.environ, **extra, "REPARAM_RANK_STATUS_DIR": status_dir}, forward)
+        if code not in (0, PREEMPTED) and any(Path(status_dir).glob("preempted-rank*")):
+            print(f"launcher: DeepSpeed's launcher exited {code} after the ranks saved a preemption checkpoint "
+                  f"(it was signalled too); exiting {PREEMPTED}", flush=True)
+            code = PREEMPTED
+    if code not in (0, PREEMPTED):
         print(f"launcher: {mode} run failed with exit code {code} (the failed rank is named above)",
               file=sys.stderr, flush=True)
     return code

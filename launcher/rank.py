@@ -3,6 +3,9 @@
 DeepSpeed's per-node launcher only says that *a* process failed, then kills the others; this wrapper sits between
 it and each rank so the log says which rank died and how (exit code or signal). Exit codes pass through; death by
 a signal becomes 128 + signal, a positive code that DeepSpeed's launchers propagate (they drop negative ones).
+A rank that saved a preemption checkpoint (exit 75) leaves a marker in $REPARAM_RANK_STATUS_DIR: when SIGTERM
+reaches every process (Slurm's preemption or time limit), DeepSpeed's launcher exits 1 whatever its ranks did, and
+the marker lets our launcher still report 75 so the job is requeued.
 """
 
 import os
@@ -21,6 +24,9 @@ def main() -> int:
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: child.send_signal(signum))
     code = child.wait()
+    if code == PREEMPTED and os.environ.get("REPARAM_RANK_STATUS_DIR"):
+        open(os.path.join(os.environ["REPARAM_RANK_STATUS_DIR"], f"preempted-rank{os.environ.get('RANK')}"),
+             "w").close()
     if code in (0, PREEMPTED):
         return code
     how = f"died from {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"

@@ -95,3 +95,42 @@ def test_killed_rank_stops_the_launcher_within_60s_and_is_named(tiny_data, tmp_p
     assert code == 128 + signal.SIGKILL, (code, err[-3000:])
     assert "launcher: rank 1 (local rank 1 on" in err and "node 0) died from SIGKILL" in err, err[-3000:]
     assert "launcher: local run failed with exit code 137 (the failed rank is named above)" in err
+
+
+def test_sigterm_to_every_process_still_exits_75(tiny_data, tmp_path):
+    """What Slurm does on preemption or at the time limit: SIGTERM to every process of the job, DeepSpeed's own
+    launcher included (which then exits 1 whatever its ranks did)."""
+    proc = subprocess.Popen(launcher("--nproc", "2", *TINY_MODEL, "train.max_steps=10000", "train.log_every=1",
+                                     "train.eval_every=0", f"data.path={tiny_data['shards']}",
+                                     f"run.output_dir={tmp_path}", "run.name=term"),
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_step(tmp_path / "term", 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out, err = finish(proc, timeout=120)
+    assert code == 75, (code, err[-3000:])
+    assert ("launcher: DeepSpeed's launcher exited 1 after the ranks saved a preemption checkpoint (it was "
+            "signalled too); exiting 75") in out
+    step = int((tmp_path / "term/checkpoints/latest").read_text().removeprefix("step_"))
+    assert f"preempted (SIGTERM) at step {step}: checkpoint" in out, out[-3000:]
+    assert json.loads((tmp_path / "term/summary.json").read_text())["preempted"] is True
+
+
+def test_a_rank_killed_on_one_node_stops_both_nodes_within_60s(tiny_data, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    port = str(free_port())
+    nodes = [start("--hostfile", str(hostfile), "--node-rank", str(rank), "--master-port", port, *TINY_MODEL,
+                   "train.max_steps=10000", "train.log_every=1", "train.eval_every=0", "train.collective_timeout_s=30",
+                   f"data.path={tiny_data['shards']}", f"run.output_dir={tmp_path}", "run.name=two_nodes",
+                   env={"GLOO_SOCKET_IFNAME": "lo", "REPARAM_FAULT_AT_STEP": "3", "REPARAM_FAULT_RANK": "1"})
+             for rank in (0, 1)]
+    wait_for_step(tmp_path / "two_nodes", 3, nodes[0])
+    start_wait = time.monotonic()
+    results = [finish(node, timeout=60) for node in nodes]
+    assert time.monotonic() - start_wait < 60
+    (code0, _, err0), (code1, _, err1) = results
+    assert code1 == 128 + signal.SIGKILL and "launcher: rank 1 (local rank 0 on" in err1, (code1, err1[-2000:])
+    assert "node 1) died from SIGKILL" in err1
+    # The surviving node's rank fails at its next collective (the peer's connection is gone) and is named.
+    assert code0 not in (0, 75) and "launcher: rank 0 (local rank 0 on" in err0, (code0, err0[-2000:])
