@@ -23,6 +23,19 @@ def _slurm_id() -> int:
     return int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN") or 0)
 
 
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """The input options shared by `tokenizer` and `tokenize` (both read the corpus the same way)."""
+    p.add_argument("--input", nargs="+", required=True,
+                   help="input files, directories or quoted globs: .jsonl/.jsonl.gz/.jsonl.zst (one JSON object per "
+                        "line), .parquet, .csv (header row), .txt (see --txt-mode)")
+    p.add_argument("--text-field", action="append", default=None,
+                   help="field/column holding the text (default: text); repeat to join several with --field-join")
+    p.add_argument("--field-join", default="\n\n", help="string joining several --text-field values (default: "
+                                                         "a blank line)")
+    p.add_argument("--txt-mode", choices=("file", "paragraph"), default="file",
+                   help=".txt inputs: one document per file (default) or per blank-line separated block")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep",
                                      description="Corpus -> byte-level BPE tokenizer -> token shards + manifest.json.")
@@ -32,34 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="jsonl file to write")
     p.add_argument("--max-mb", type=float, default=8.0, help="stop after this many MB of text (default 8)")
 
-    inputs_help = ("input files, directories or quoted globs: .jsonl/.jsonl.gz/.jsonl.zst (one JSON object per "
-                   "line), .parquet, .csv (header row), .txt (see --txt-mode)")
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer and save a HuggingFace tokenizer dir")
-    p.add_argument("--input", nargs="+", required=True, help=inputs_help)
+    add_input_args(p)
     p.add_argument("--output", required=True, help="tokenizer directory to write (replaced if it exists)")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including special tokens")
-    p.add_argument("--text-field", action="append", default=None,
-                   help="field/column holding the text (default: text); repeat to join several with --field-join")
-    p.add_argument("--field-join", default="\n\n", help="string joining several --text-field values (default: "
-                                                         "a blank line)")
-    p.add_argument("--txt-mode", choices=("file", "paragraph"), default="file",
-                   help=".txt inputs: one document per file (default) or per blank-line separated block")
     p.add_argument("--model-max-length", type=int, default=2048,
                    help="model_max_length recorded in tokenizer_config.json (default 2048)")
 
     p = sub.add_parser("tokenize", help="tokenize a corpus into shards + manifest.json")
-    p.add_argument("--input", nargs="+", required=True, help=inputs_help)
+    add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="HuggingFace tokenizer dir (with tokenizer.json)")
     p.add_argument("--output", required=True, help="shard directory to write (previous shards in it are replaced)")
     p.add_argument("--record-kind", choices=("text", "sft", "classification"), default="text",
                    help="text: pretraining stream (default); sft: prompt/response or chat messages with a loss mask; "
                         "classification: text (+ text pair) and a label")
-    p.add_argument("--text-field", action="append", default=None,
-                   help="field/column holding the text (default: text); repeat to join several with --field-join")
-    p.add_argument("--field-join", default="\n\n", help="string joining several --text-field values (default: "
-                                                         "a blank line)")
-    p.add_argument("--txt-mode", choices=("file", "paragraph"), default="file",
-                   help=".txt inputs: one document per file (default) or per blank-line separated block")
     p.add_argument("--prompt-field", default="prompt", help="sft: field holding the prompt (default: prompt)")
     p.add_argument("--response-field", default="response", help="sft: field holding the response (default: response)")
     p.add_argument("--messages-field", default=None,

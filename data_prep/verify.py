@@ -21,6 +21,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_file(path: Path, sha256: str, size: int | None = None) -> list[str]:
+    """The problem with one file (missing, wrong size, wrong sha256), or none."""
+    if not path.is_file():
+        return [f"{path}: missing"]
+    if size is not None and path.stat().st_size != size:
+        return [f"{path}: {path.stat().st_size} bytes, manifest says {size}"]
+    if _sha256(path) != sha256:
+        return [f"{path}: sha256 differs from the manifest (file changed or corrupt)"]
+    return []
+
+
 def verify_shards(directory: str | Path) -> tuple[list[str], dict]:
     """(problems, manifest): one line per problem, empty when everything matches. A missing or unreadable
     manifest raises DataError."""
@@ -36,37 +47,21 @@ def verify_shards(directory: str | Path) -> tuple[list[str], dict]:
             problems.append(f"{split}: shard num_docs do not add up to the split's {info['num_docs']}")
         for shard in shards:
             path, index = directory / shard["file"], directory / shard["index"]
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif path.stat().st_size != shard["num_tokens"] * itemsize:
-                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says "
-                                f"{shard['num_tokens'] * itemsize}")
-            elif _sha256(path) != shard["sha256"]:
-                problems.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
-            if not index.is_file():
-                problems.append(f"{index}: missing")
-            elif _sha256(index) != shard["index_sha256"]:
-                problems.append(f"{index}: sha256 differs from the manifest (file changed or corrupt)")
-            else:
+            problems += _check_file(path, shard["sha256"], shard["num_tokens"] * itemsize)
+            index_problems = _check_file(index, shard["index_sha256"])
+            problems += index_problems
+            if not index_problems:
                 offsets = np.load(index, allow_pickle=False)
                 if (len(offsets) != shard["num_docs"] + 1 or offsets[0] != 0
                         or offsets[-1] != shard["num_tokens"] or np.any(np.diff(offsets) <= 0)):
                     problems.append(f"{index}: offsets are not 0 .. num_tokens, increasing, num_docs + 1 long")
             if "mask" in shard:  # sft: uint8 per token
-                mask = directory / shard["mask"]
-                if not mask.is_file():
-                    problems.append(f"{mask}: missing")
-                elif mask.stat().st_size != shard["num_tokens"]:
-                    problems.append(f"{mask}: {mask.stat().st_size} bytes, manifest says {shard['num_tokens']}")
-                elif _sha256(mask) != shard["mask_sha256"]:
-                    problems.append(f"{mask}: sha256 differs from the manifest (file changed or corrupt)")
+                problems += _check_file(directory / shard["mask"], shard["mask_sha256"], shard["num_tokens"])
             if "labels" in shard:  # classification: int64 per document
                 labels = directory / shard["labels"]
-                if not labels.is_file():
-                    problems.append(f"{labels}: missing")
-                elif _sha256(labels) != shard["labels_sha256"]:
-                    problems.append(f"{labels}: sha256 differs from the manifest (file changed or corrupt)")
-                else:
+                label_problems = _check_file(labels, shard["labels_sha256"])
+                problems += label_problems
+                if not label_problems:
                     values = np.load(labels, allow_pickle=False)
                     num_labels = manifest.get("classification", {}).get("num_labels", 0)
                     if len(values) != shard["num_docs"] or (len(values) and (values.min() < 0

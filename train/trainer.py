@@ -1,8 +1,8 @@
 """The one training loop: build everything from a Config, train, evaluate, checkpoint, resume.
 
 Each stateful part owns its state (`GlobalBatchSampler`, the DeepSpeed engine, per-rank RNG, the counters here);
-`Checkpointer` gathers them. The loop never reads a loss back to the host except at log and eval points, so the
-step itself does not wait on a device sync.
+`Checkpointer` gathers them. Losses stay on the device and are read back only at log and eval points; the one
+per-step host sync is a 2-integer all-reduce (preemption signal, non-finite loss) that keeps the ranks in step.
 """
 
 from __future__ import annotations
