@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `train` importable
+from train.distributed import skip_cpu_shm_kernel  # noqa: E402  (same process-group start-up as our trainer)
 from train.model import param_groups  # noqa: E402  (the same AdamW groups as our trainer)
 
 
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
                               set_seed)
 
     ds_config = json.loads(Path(args.ds_config).read_text())
+    skip_cpu_shm_kernel()
 
     class StepTimer(TrainerCallback):
         def __init__(self):

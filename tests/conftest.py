@@ -66,7 +66,7 @@ def reference_overrides(tiny_data: dict, output_dir: Path, name: str, stage: int
 
 
 def run_training(config: str | Path, overrides: list[str], num_ranks: int = 2, env: dict | None = None,
-                 check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+                 check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N train/main.py --config ... overrides`, from the project root."""
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks),
            "--master_port", str(free_port()), "train/main.py", "--config", str(config), *overrides]

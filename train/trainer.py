@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -26,6 +25,7 @@ from train import faults, preemption, resume
 from train.checkpoint import Checkpointer, write_atomic
 from train.config import Config
 from train.data import GlobalBatchSampler, TokenWindows, eval_batches
+from train.distributed import init_distributed
 from train.errors import ConfigError, RunError
 from train.metrics import Metrics
 from train.model import build_causal_lm, build_hf_config, count_parameters, param_groups
@@ -45,7 +45,7 @@ def _set_cpu_threads() -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+        init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         _set_cpu_threads()
         self.run_dir = cfg.run_dir
