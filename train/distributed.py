@@ -16,7 +16,7 @@ def skip_cpu_shm_kernel() -> None:
     On a fresh 2-core machine that g++ run takes over 10 minutes (measured), and a run killed during it leaves the
     build lock behind. Training never calls the kernel (it serves DeepSpeed's inference all-reduce only; gradients go
     through torch.distributed/gloo either way), so it is marked unavailable before the backend starts. DeepSpeed
-    documents `__compatible_ops__` as one cached dict whose edits persist."""
+    caches `__compatible_ops__` as one module-level dict (deepspeed/ops/__init__.py), so the edit persists."""
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__[SHM_KERNEL] = False
 
