@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-corpus", help="write a jsonl corpus from the Python standard library's source")
     p.add_argument("--output", required=True, help="jsonl file to write")
     p.add_argument("--max-mb", type=float, default=8.0, help="stop after this many MB of text (default 8)")
+    p.add_argument("--kind", choices=("text", "sft", "classification"), default="text",
+                   help="text: source files (default); sft: docstring -> definition pairs; classification: "
+                        "docstrings labelled function or class")
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer and save a HuggingFace tokenizer dir")
     add_input_args(p)
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-corpus":
         from data_prep.demo_corpus import write_demo_corpus
 
-        write_demo_corpus(args.output, args.max_mb)
+        write_demo_corpus(args.output, args.max_mb, args.kind)
     elif args.command == "tokenizer":
         from data_prep.readers import expand_inputs
         from data_prep.train_tokenizer import train_tokenizer

@@ -1,13 +1,19 @@
 """`demo-corpus`: a jsonl corpus that needs no download, from the source of Python's own standard library.
 
-One document per stdlib `.py` file, in sorted path order, until `max_mb` MB (10**6 bytes) of UTF-8 text are
-written, so the result is deterministic for a given Python install. Installed packages (site-packages,
-dist-packages) are excluded so they cannot change it; files that are not valid UTF-8 (a few encoding tests) are
-skipped.
+Files are read in sorted path order until `max_mb` MB (10**6 bytes) of UTF-8 text are written, so the result is
+deterministic for a given Python install. Installed packages (site-packages, dist-packages) are excluded so they
+cannot change it; files that are not valid UTF-8 (a few encoding tests) or not valid Python are skipped.
+
+Kinds (`--kind`):
+- text: one document per stdlib `.py` file, `{"text": source}`.
+- sft: one example per public top-level function or class with a docstring: `{"prompt": "Docstring: <its first
+  paragraph>\nDefinition:", "response": " def name(args):"}` (or ` class Name:`).
+- classification: the same docstrings, `{"text": <first paragraph>, "label": "function" | "class"}`.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sysconfig
@@ -25,31 +31,75 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def write_demo_corpus(output: str | Path, max_mb: float = 8.0) -> tuple[int, int]:
+KINDS = ("text", "sft", "classification")
+
+
+def _sources():
+    for path in stdlib_files():
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():  # many empty __init__.py files; they would only be dropped later
+            yield text
+
+
+def _definitions(text: str):
+    """(kind, name, signature source, docstring's first paragraph) of public top-level defs with a docstring."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node)
+        paragraph = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+        if len(paragraph) < 20:
+            continue
+        if isinstance(node, ast.FunctionDef):
+            yield "function", f"def {node.name}({ast.unparse(node.args)}):", paragraph
+        else:
+            yield "class", f"class {node.name}:", paragraph
+
+
+def _records(kind: str):
+    seen = set()
+    for text in _sources():
+        if kind == "text":
+            yield {"text": text}
+            continue
+        for label, definition, paragraph in _definitions(text):
+            if paragraph in seen:
+                continue
+            seen.add(paragraph)
+            if kind == "sft":
+                yield {"prompt": f"Docstring: {paragraph}\nDefinition:", "response": f" {definition}"}
+            else:
+                yield {"text": paragraph, "label": label}
+
+
+def write_demo_corpus(output: str | Path, max_mb: float = 8.0, kind: str = "text") -> tuple[int, int]:
     """Write the corpus (atomically); returns (documents, bytes of text)."""
     if max_mb <= 0:
         raise DataError(f"--max-mb {max_mb} must be > 0")
+    if kind not in KINDS:
+        raise DataError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     limit = int(max_mb * 1e6)
     docs = written = 0
     tmp = output.with_name(f".{output.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for path in stdlib_files():
+        for record in _records(kind):
             if written >= limit:
                 break
-            try:
-                text = path.read_bytes().decode("utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            if not text.strip():
-                continue  # many empty __init__.py files; they would only be dropped later
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
             docs += 1
-            written += len(text.encode("utf-8"))
+            written += sum(len(str(v).encode("utf-8")) for v in record.values())
     if docs == 0:
         tmp.unlink()
         raise DataError(f"no readable .py files under {sysconfig.get_paths()['stdlib']}")
     os.replace(tmp, output)
-    log(f"demo-corpus: {docs:,} documents, {written / 1e6:.1f} MB of text -> {output}")
+    log(f"demo-corpus ({kind}): {docs:,} documents, {written / 1e6:.1f} MB of text -> {output}")
     return docs, written

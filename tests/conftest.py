@@ -84,3 +84,72 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
         record = json.loads(line)
         records.setdefault(record["step"], {}).update(record)
     return records
+
+
+POSITIVE, NEGATIVE = WORDS[:len(WORDS) // 2], WORDS[len(WORDS) // 2:]
+
+
+def write_classification_corpus(path: Path, docs: int, seed: int = 1) -> None:
+    """Separable sentiment-like data: label `pos` documents use only the first half of WORDS, `neg` the second."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(docs):
+            label = rng.choice(("pos", "neg"))
+            words = POSITIVE if label == "pos" else NEGATIVE
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 20)))
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+
+
+def write_sft_corpus(path: Path, docs: int, seed: int = 2) -> None:
+    """Prompt/response pairs with a learnable rule: the response repeats the prompt's words in reverse order."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(docs):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 8))]
+            f.write(json.dumps({"prompt": "reverse: " + " ".join(words) + "\n",
+                                "response": " ".join(reversed(words))}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def finetune_data(tiny_data) -> dict:
+    """Classification and sft shards (train / val / test) made with the tiny_data tokenizer."""
+    root = tiny_data["root"]
+    write_classification_corpus(root / "cls.jsonl", docs=480)
+    write_sft_corpus(root / "sft.jsonl", docs=400)
+    data_prep("tokenize", "--input", str(root / "cls.jsonl"), "--tokenizer", str(tiny_data["tokenizer"]),
+              "--output", str(root / "cls_shards"), "--record-kind", "classification", "--labels", "neg,pos",
+              "--val-count", "64", "--test-count", "64")
+    data_prep("tokenize", "--input", str(root / "sft.jsonl"), "--tokenizer", str(tiny_data["tokenizer"]),
+              "--output", str(root / "sft_shards"), "--record-kind", "sft", "--val-count", "32", "--test-count", "32")
+    return {"cls": root / "cls_shards", "sft": root / "sft_shards"}
+
+
+TINY_ARCHITECTURES = {
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64},
+    "llama": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "intermediate_size": 128, "max_position_embeddings": 64, "tie_word_embeddings": False},
+    "bert": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128,
+             "max_position_embeddings": 64},
+}
+
+
+@pytest.fixture(scope="session")
+def pretrained_models(tiny_data) -> dict:
+    """A user's local model dirs: tiny random gpt2 and llama (causal LM) and bert (encoder), saved with
+    save_pretrained next to a copy of the tiny_data tokenizer, as a downloaded model would be."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    root = tiny_data["root"] / "pretrained"
+    out = {}
+    for model_type, kwargs in TINY_ARCHITECTURES.items():
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(model_type, vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                                      **kwargs)
+        model = (AutoModel if model_type == "bert" else AutoModelForCausalLM).from_config(config)
+        model.save_pretrained(root / model_type)
+        shutil.copytree(tiny_data["tokenizer"], root / model_type, dirs_exist_ok=True)
+        out[model_type] = root / model_type
+    return out

@@ -4,6 +4,8 @@ Layout under `<run>/checkpoints/`:
 - `step_<N>/`: DeepSpeed's model + optimizer files (our client state inside), `rng_rank<R>.pt` per rank, and
   `checkpoint.json` (step, world size, config fingerprint, every file with its size).
 - `latest`: the name of the newest complete checkpoint.
+- `best`: the name of the checkpoint with the best validation metric (`train.best_metric`), if tracked; retention
+  never deletes it.
 
 A save goes to `step_<N>.partial/`; after every rank has finished writing (barrier) rank 0 writes
 `checkpoint.json`, renames the directory to `step_<N>` and only then points `latest` at it (temp file + rename). A run
@@ -31,6 +33,7 @@ from train.errors import ResumeError
 from train.rng import load_rng_state, rng_state
 
 LATEST = "latest"
+BEST = "best"
 MANIFEST = "checkpoint.json"
 _TAG = re.compile(r"step_(\d+)")
 
@@ -122,16 +125,34 @@ class Checkpointer:
         dist.barrier()
         return final
 
+    def mark_best(self, step: int) -> None:
+        """Point `best` at checkpoint `step` (rank 0 writes; call after its save returned)."""
+        if self.rank == 0:
+            write_atomic(self.directory / BEST, tag_for(step).encode())
+
+    def best_tag(self) -> str | None:
+        pointer = self.directory / BEST
+        return pointer.read_text().strip() if pointer.is_file() else None
+
     def _apply_retention(self, newest: int) -> None:
-        """Keep the last `keep_last` checkpoints (0 keeps all), every multiple of `keep_every`, and the newest."""
+        """Keep the last `keep_last` checkpoints (0 keeps all), every multiple of `keep_every`, the best and the
+        newest."""
         if not self.keep_last:
             return
         steps = self._steps_on_disk()
-        keep = set(steps[-self.keep_last:]) | {newest}
+        best = _TAG.fullmatch(self.best_tag() or "")
+        keep = set(steps[-self.keep_last:]) | {newest} | ({int(best.group(1))} if best else set())
         keep |= {s for s in steps if self.keep_every and s % self.keep_every == 0}
         for step in steps:
             if step not in keep:
                 shutil.rmtree(self.directory / tag_for(step), ignore_errors=True)
+
+    def load_weights(self, engine, tag: str) -> None:
+        """Only the model weights of checkpoint `tag` (e.g. the best one, to evaluate it on the test split)."""
+        load_path, _ = engine.load_checkpoint(str(self.directory), tag=tag, load_module_only=True,
+                                              load_optimizer_states=False, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise ResumeError(f"DeepSpeed could not load checkpoint {self.directory / tag}")
 
     def load(self, engine, load_tag: str, rng_tag: str) -> dict:
         """Restore the engine from `load_tag` (the checkpoint, or its universal conversion) and this rank's RNG

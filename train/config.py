@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import types
 import typing
 
 import yaml
@@ -40,23 +41,94 @@ class RunConfig:
     output_dir: str = _field("runs", "Directory that holds one sub-directory per run.")
     seed: int = _field(1234, "Seed for model init, data order and dropout (each rank offsets it by its rank).")
     resume: str = _field("auto", "'auto': continue from the run directory's latest checkpoint if one exists; "
-                                 "'never': refuse to start if the run directory already has checkpoints.")
+                                 "'never': refuse to start if the run directory already has checkpoints; "
+                                 "'require': continue the latest checkpoint and fail if there is none (a requeued "
+                                 "job that must not silently start over).")
 
     def __post_init__(self):
-        _require(self.resume in ("auto", "never"), "run.resume", f"must be 'auto' or 'never', got {self.resume!r}")
+        _require(self.resume in ("auto", "never", "require"), "run.resume",
+                 f"must be 'auto', 'never' or 'require', got {self.resume!r}")
         _require(bool(self.output_dir), "run.output_dir", "must not be empty")
+
+
+TASKS = ("causal_lm", "sft", "classification")
+# The data_prep record kind each task trains on.
+RECORD_KIND_OF_TASK = {"causal_lm": "text", "sft": "sft", "classification": "classification"}
+
+
+@dataclass
+class TaskConfig:
+    kind: str = _field("causal_lm", "causal_lm (pretraining / continued pretraining on text shards), sft (loss on "
+                                    "response tokens only, sft shards) or classification (sequence classification, "
+                                    "classification shards). Must match the shards' record kind.")
+    sft_packing: bool = _field(True, "sft: pack the micro-batch's examples into as few rows of data.seq_len as "
+                                     "possible; each example attends only to itself (block-diagonal mask, positions "
+                                     "restart). false pads every example to its own row.")
+    label_smoothing: float = _field(0.0, "classification: label smoothing of the cross-entropy loss.")
+
+    def __post_init__(self):
+        _require(self.kind in TASKS, "task.kind", f"must be one of {', '.join(TASKS)}, got {self.kind!r}")
+        _require(0.0 <= self.label_smoothing < 1.0, "task.label_smoothing",
+                 f"must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = _field("gpt2", "transformers model type built with AutoModelForCausalLM.from_config "
-                                     "(gpt2, llama, ...).")
-    hf_config: dict = _field({}, "Keyword arguments for the transformers config (n_layer, n_embd, ...). "
-                                 "vocab_size and eos/bos ids are taken from the data manifest unless set here.")
+    init: str = _field("scratch", "scratch: build model.model_type from model.hf_config with random weights; "
+                                  "pretrained: load the local HF model dir model.path. Continuing a run from its "
+                                  "checkpoint is run.resume (auto by default), on top of either.")
+    path: str = _field("", "init: pretrained: a local HF model directory (from save_pretrained or train.export).")
+    model_type: str = _field("gpt2", "init: scratch: transformers model type (gpt2, llama, bert, ...).")
+    hf_config: dict = _field({}, "init: scratch: keyword arguments for the transformers config (n_layer, n_embd, "
+                                 "...). vocab_size and eos/bos ids are taken from the data manifest unless set here.")
+    dropout: float | None = _field(None, "Override every dropout probability of the model config (hidden, "
+                                         "attention, embedding, classifier); null keeps the model's own.")
     activation_checkpointing: bool = _field(True, "Recompute activations in the backward pass to save memory.")
 
     def __post_init__(self):
+        _require(self.init in ("scratch", "pretrained"), "model.init",
+                 f"must be scratch or pretrained, got {self.init!r} (to continue a run, see run.resume)")
         _require(isinstance(self.hf_config, dict), "model.hf_config", "must be a mapping of config keys")
+        if self.init == "pretrained":
+            _require(bool(self.path), "model.path", "is required with model.init: pretrained (a local HF model dir)")
+            _require(not self.hf_config, "model.hf_config", "applies to init: scratch only; a pretrained model "
+                                                            "brings its own config")
+        _require(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout",
+                 f"must be null or in [0, 1), got {self.dropout}")
+
+
+FINETUNE_METHODS = ("full", "lora", "freeze")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = _field("full", "full: train every parameter; lora: train LoRA adapters (PEFT) and, for "
+                                 "classification, the head; freeze: train everything but what the freeze_* keys "
+                                 "name.")
+    lora_r: int = _field(8, "lora: adapter rank.")
+    lora_alpha: float = _field(16.0, "lora: scaling numerator (the update is scaled by lora_alpha / lora_r).")
+    lora_dropout: float = _field(0.05, "lora: dropout on the adapter input.")
+    lora_target_modules: list = _field([], "lora: module names to adapt (e.g. [q_proj, v_proj]); empty uses PEFT's "
+                                           "default for the model type.")
+    freeze_embeddings: bool = _field(False, "freeze: freeze the input embeddings (and position embeddings).")
+    freeze_bottom_layers: int = _field(0, "freeze: freeze the first N transformer layers.")
+    freeze_all_but_head: bool = _field(False, "freeze: train only the task head (classifier / score; for "
+                                              "causal_lm an untied lm_head).")
+
+    def __post_init__(self):
+        _require(self.method in FINETUNE_METHODS, "finetune.method",
+                 f"must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
+        _require(self.lora_r >= 1, "finetune.lora_r", f"must be >= 1, got {self.lora_r}")
+        _require(0.0 <= self.lora_dropout < 1.0, "finetune.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        _require(self.freeze_bottom_layers >= 0, "finetune.freeze_bottom_layers",
+                 f"must be >= 0, got {self.freeze_bottom_layers}")
+        freezes = self.freeze_embeddings or self.freeze_bottom_layers or self.freeze_all_but_head
+        if self.method == "freeze":
+            _require(bool(freezes), "finetune.method",
+                     "is freeze but nothing is frozen; set freeze_embeddings, freeze_bottom_layers or "
+                     "freeze_all_but_head")
+        else:
+            _require(not freezes, "finetune.method", f"is {self.method}; the freeze_* keys need method: freeze")
 
 
 @dataclass
@@ -65,6 +137,8 @@ class DataConfig:
     seq_len: int = _field(512, "Tokens per training sequence; shards are cut into windows of this length.")
     train_split: str = _field("train", "Split of the manifest used for training.")
     val_split: str = _field("val", "Split used for validation loss; empty string disables validation.")
+    test_split: str = _field("", "Split evaluated with the starting model before training and with the best (or "
+                                 "final) model at the end, reported in results.json; empty disables.")
 
     def __post_init__(self):
         _require(bool(self.path), "data.path", "is required: the output directory of `python -m data_prep tokenize`")
@@ -92,7 +166,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _field(1000, "Optimizer steps to train for.")
+    max_steps: int = _field(1000, "Optimizer steps to train for (ignored when epochs > 0).")
+    epochs: int = _field(0, "When > 0, train for this many passes over the training split instead of max_steps "
+                            "(max_steps = epochs x optimizer steps per epoch).")
     micro_batch_size: int = _field(8, "Sequences per rank per forward/backward pass.")
     grad_accum_steps: int = _field(1, "Micro-batches accumulated per optimizer step. "
                                       "Global batch = micro_batch_size * grad_accum_steps * world size.")
@@ -101,7 +177,14 @@ class TrainConfig:
                                                             "and clipping are injected from this run config.")
     log_every: int = _field(10, "Optimizer steps between log lines / TensorBoard points.")
     eval_every: int = _field(100, "Optimizer steps between validation passes; 0 evaluates only at the end.")
-    eval_batches: int = _field(20, "Micro-batches per rank in one validation pass.")
+    eval_at_epoch_end: bool = _field(True, "Also evaluate after the last optimizer step of every epoch.")
+    eval_batches: int = _field(20, "Micro-batches per rank in one validation pass; 0 evaluates the whole split.")
+    best_metric: str = _field("", "Validation metric that picks the best checkpoint (val/loss, val/accuracy, "
+                                  "val/macro_f1, ...): a checkpoint is saved at each new best, kept by retention, "
+                                  "and used for the test split and `train.export --step best`. Empty disables.")
+    best_mode: str = _field("min", "min or max: whether a lower or higher best_metric is better.")
+    early_stopping_patience: int = _field(0, "Stop after this many validation passes without a new best "
+                                             "best_metric; 0 never stops early.")
     save_every: int = _field(500, "Optimizer steps between checkpoints; a checkpoint is always written at the end.")
     keep_last: int = _field(0, "Checkpoints to keep (the newest ones); 0 keeps all. The newest is never deleted.")
     keep_every: int = _field(0, "Also keep every checkpoint whose step is a multiple of this (with keep_last); "
@@ -113,12 +196,17 @@ class TrainConfig:
                                             "fails; bounds the hang when a rank or node dies.")
 
     def __post_init__(self):
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_batches",
-                    "nonfinite_max_in_a_row"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "nonfinite_max_in_a_row"):
             _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.collective_timeout_s >= 1, "train.collective_timeout_s",
                  f"must be >= 1, got {self.collective_timeout_s}")
-        for key in ("eval_every", "save_every", "keep_last", "keep_every", "nonfinite_max_rollbacks"):
+        _require(self.best_mode in ("min", "max"), "train.best_mode", f"must be min or max, got {self.best_mode!r}")
+        _require(not self.early_stopping_patience or bool(self.best_metric), "train.early_stopping_patience",
+                 "needs train.best_metric (the metric whose improvement it waits for)")
+        _require(not self.best_metric or self.best_metric.startswith("val/"), "train.best_metric",
+                 f"must be a validation metric (val/...), got {self.best_metric!r}")
+        for key in ("eval_every", "save_every", "keep_last", "keep_every", "nonfinite_max_rollbacks", "epochs",
+                    "eval_batches", "early_stopping_patience"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.precision in ("bf16", "fp16", "fp32"), "train.precision",
                  f"must be bf16, fp16 or fp32, got {self.precision!r}")
@@ -127,7 +215,9 @@ class TrainConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -144,8 +234,8 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-_SECTION_CLASSES = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-                    "train": TrainConfig}
+_SECTION_CLASSES = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "finetune": FinetuneConfig,
+                    "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 
 def _unknown_key(source: str, key: str, valid: list[str]) -> ConfigError:
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -183,6 +273,11 @@ def _coerce(source: str, key: str, value: Any, expected: type) -> Any:
             pass
     elif expected is int and isinstance(value, float) and value.is_integer():
         return int(value)
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):  # `float | None`
+        if value is None:
+            return None
+        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+        return _coerce(source, key, value, expected)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")

@@ -1,8 +1,12 @@
-"""Training data over token shards: fixed-length windows and the global batch order.
+"""Training data over token shards: the items of a split, the batches built from them, and the global batch order.
 
-Windows are `seq_len` consecutive tokens of one shard (documents are already EOS-separated in the stream, so
-packing is free); a window never crosses a shard boundary and a shard's tail shorter than `seq_len` is unused.
-Shards are memmapped: reading a batch copies only the windows it needs.
+An item is what the sampler draws and a rank's micro-batch holds `micro_batch_size` of:
+- causal_lm (`TokenWindows`): `seq_len` consecutive tokens of one shard (documents are already EOS-separated in the
+  stream, so packing is free); a window never crosses a shard boundary and a shard's tail shorter than `seq_len` is
+  unused.
+- sft and classification (`Documents`): one document (one example), cut to `seq_len` tokens.
+Shards are memmapped: reading a batch copies only the tokens it needs. Every batch is a dict of tensors the model
+is called with; `labels` holds the loss targets (-100 = no loss), in the model's input layout.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import torch
 
 from data_prep.shards import ShardSet
 from train.errors import ConfigError, ResumeError
+
+
+IGNORE = -100  # label of a position without loss (PyTorch's cross-entropy ignore_index)
 
 
 class TokenWindows:
@@ -36,6 +43,103 @@ class TokenWindows:
             out[row] = self.shards.tokens(int(shard))[offset:offset + self.seq_len]
         return torch.from_numpy(out)
 
+    def model_batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
+        """(model inputs + labels, number of tokens in it)."""
+        input_ids = self.batch(indices)
+        return {"input_ids": input_ids, "labels": input_ids.clone()}, input_ids.numel()
+
+
+class Documents:
+    """The split's documents (sft or classification examples), addressed by a global document index.
+
+    sft rows: labels are the tokens whose loss mask is 1, -100 elsewhere. With `packing`, the micro-batch's
+    examples fill rows of `seq_len` in order (a new row when the next one does not fit); a block-diagonal causal mask
+    and positions that restart at each example keep examples from seeing each other, so the loss equals the unpacked
+    loss on the same examples. Without packing each example is one row. classification rows: the document's tokens
+    (attention_mask marks them) and one label per row. Rows are right-padded with `pad_id` to the longest row.
+    Examples longer than `seq_len` keep their first `seq_len - 1` tokens and their final (EOS) token.
+    """
+
+    def __init__(self, shards: ShardSet, seq_len: int, kind: str, pad_id: int, packing: bool = False):
+        self.shards, self.seq_len, self.kind, self.pad_id, self.packing = shards, seq_len, kind, pad_id, packing
+        per_shard = np.asarray([len(shards.doc_offsets(i)) - 1 for i in range(len(shards))], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(per_shard)])
+        self._masks: dict[int, np.ndarray] = {}
+        self._labels: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def example(self, index: int) -> tuple[np.ndarray, np.ndarray | int]:
+        """(token ids, loss mask) for sft, (token ids, label id) for classification; cut to seq_len."""
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        doc = int(index - self.starts[shard])
+        offsets = self.shards.doc_offsets(shard)
+        begin, end = int(offsets[doc]), int(offsets[doc + 1])
+        ids = np.asarray(self.shards.tokens(shard)[begin:end], dtype=np.int64)
+        if self.kind == "sft":
+            if shard not in self._masks:
+                self._masks[shard] = self.shards.loss_mask(shard)
+            target = np.asarray(self._masks[shard][begin:end], dtype=bool)
+        else:
+            if shard not in self._labels:
+                self._labels[shard] = self.shards.labels(shard)
+            target = int(self._labels[shard][doc])
+        if len(ids) > self.seq_len:
+            keep = np.r_[0:self.seq_len - 1, len(ids) - 1]
+            ids = ids[keep]
+            target = target[keep] if self.kind == "sft" else target
+        return ids, target
+
+    def model_batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
+        """(model inputs + labels, number of tokens in it, padding excluded)."""
+        examples = [self.example(int(i)) for i in indices]
+        num_tokens = sum(len(ids) for ids, _ in examples)
+        if self.kind == "classification":
+            labels = torch.tensor([label for _, label in examples])
+            return self._rows([[e] for e in examples], {"labels": labels}), num_tokens
+        rows = [[e] for e in examples]
+        if self.packing:
+            rows = []
+            for example in examples:
+                if rows and sum(len(ids) for ids, _ in rows[-1]) + len(example[0]) <= self.seq_len:
+                    rows[-1].append(example)
+                else:
+                    rows.append([example])
+        return self._rows(rows, {}), num_tokens
+
+    def _rows(self, rows: list[list[tuple]], extra: dict) -> dict[str, torch.Tensor]:
+        width = max(sum(len(ids) for ids, _ in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        segment = torch.zeros((len(rows), width), dtype=torch.long)  # 0 = padding, k = the row's k-th example
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for k, (ids, target) in enumerate(row, start=1):
+                n = len(ids)
+                input_ids[r, at:at + n] = torch.from_numpy(ids)
+                if self.kind == "sft":
+                    labels[r, at:at + n] = torch.where(torch.from_numpy(target), input_ids[r, at:at + n], IGNORE)
+                    # The first token of an example is predicted from nothing of its own; without this, a packed
+                    # row would train it on the previous example's last token.
+                    labels[r, at] = IGNORE
+                segment[r, at:at + n] = k
+                position_ids[r, at:at + n] = torch.arange(n)
+                at += n
+        batch = {"input_ids": input_ids, "attention_mask": (segment > 0).long(), **extra}
+        if self.kind == "sft":
+            batch["labels"] = labels
+        if self.packing and self.kind == "sft":
+            # [rows, 1, width, width], True = may attend: causal, within one example. A padding position attends to
+            # itself only, so no softmax row is empty (an all-False row gives NaN in SDPA).
+            causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+            same = segment[:, :, None] == segment[:, None, :]
+            own = torch.eye(width, dtype=torch.bool)
+            batch["attention_mask"] = ((causal & same & (segment[:, :, None] > 0)) | own)[:, None]
+            batch["position_ids"] = position_ids
+        return batch
+
 
 class GlobalBatchSampler:
     """Which windows every rank reads at every micro-step.
@@ -59,9 +163,10 @@ class GlobalBatchSampler:
         self.seed = seed
         self.global_batch = micro_batch * accum_steps * world_size
         if num_windows < self.global_batch:
-            raise ConfigError(f"data.path: the training split has {num_windows} windows but one optimizer step needs "
-                             f"{self.global_batch} (micro_batch_size x grad_accum_steps x world size); "
-                             "use more data, a shorter data.seq_len or a smaller batch")
+            raise ConfigError(f"data.path: the training split has {num_windows} items (windows of data.seq_len tokens, "
+                              f"or examples) but one optimizer step needs {self.global_batch} (micro_batch_size x "
+                              "grad_accum_steps x world size); use more data, a shorter data.seq_len or a smaller "
+                              "batch")
         self.epoch = 0
         self.position = 0
         self.step_start = (0, 0)  # (epoch, position) of the global batch the last next_step() returned
@@ -113,12 +218,15 @@ class GlobalBatchSampler:
         self.skipped = {tuple(b) for b in state["skipped"]}
 
 
-def eval_batches(num_windows: int, micro_batch: int, world_size: int, rank: int, max_batches: int):
-    """This rank's micro-batches for one validation pass: the first windows of the split, in order.
+def eval_batches(num_items: int, micro_batch: int, world_size: int, rank: int, max_batches: int):
+    """This rank's micro-batches for one evaluation pass, as the item indices it must score (possibly none).
 
-    Every rank gets the same number of batches, which ZeRO-3 needs (its forward gathers parameters collectively).
+    `max_batches` > 0: the first `max_batches` full rounds of the split, in order. 0: the whole split; the last round
+    is partial. Every rank runs the same number of forward passes, which ZeRO-3 needs (its forward gathers
+    parameters collectively); a rank without items left scores a placeholder and counts nothing.
     """
-    per_rank = min(max_batches, num_windows // (micro_batch * world_size))
-    for m in range(per_rank):
+    per_round = micro_batch * world_size
+    rounds = min(max_batches, num_items // per_round) if max_batches else -(-num_items // per_round)
+    for m in range(rounds):
         start = (m * world_size + rank) * micro_batch
-        yield np.arange(start, start + micro_batch)
+        yield np.arange(start, min(start + micro_batch, num_items))

@@ -1,17 +1,28 @@
-"""Build the model a run trains.
+"""Build the model a run trains: architecture and weights (`model.*`), task head (`task.kind`), and what is
+trained (`finetune.*`).
 
 From scratch: a transformers config (`model.model_type` + `model.hf_config`) whose vocabulary comes from the data
-manifest, so the model and the shards cannot disagree about token ids.
+manifest, so the model and the shards cannot disagree about token ids. Pretrained: a local HF model dir loaded with
+`from_pretrained` in fp32 (DeepSpeed keeps the fp32 master weights and casts the module for bf16/fp16). Under
+ZeRO-3 the caller keeps a `HfDeepSpeedConfig` alive first, so transformers builds or loads the model partitioned
+*and* initialises it correctly (a bare zero.Init leaves GPT-2 at a loss of ~87 instead of ln(vocab)).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+from pathlib import Path
 
 import torch
 
-from train.config import ModelConfig
+from train.config import Config, ModelConfig
 from train.errors import ConfigError
+
+# Files that define a HF tokenizer; a model dir that has any of them must agree with the one the data was made with.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja")
+HEAD_MODULES = {"classification": ("classifier", "score"), "sft": ("lm_head",), "causal_lm": ("lm_head",)}
 
 
 def build_hf_config(model_cfg: ModelConfig, tokenizer_info: dict, seq_len: int):
@@ -42,21 +53,169 @@ def build_hf_config(model_cfg: ModelConfig, tokenizer_info: dict, seq_len: int):
     if positions is not None and positions < seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's {positions} positions; raise "
                           "model.hf_config.n_positions / max_position_embeddings or lower data.seq_len")
-    hf_config.use_cache = False  # no KV cache while training; activation checkpointing requires it off
+    hf_config.use_cache = False
     return hf_config
 
 
-def build_causal_lm(model_cfg: ModelConfig, hf_config) -> torch.nn.Module:
-    """Instantiate from config. Under ZeRO-3 the caller keeps a `HfDeepSpeedConfig` alive first, so transformers
-    builds the model inside `deepspeed.zero.Init` *and* initialises the partitioned weights correctly (a bare
-    zero.Init leaves GPT-2 at a loss of ~87 instead of ln(vocab))."""
-    from transformers import AutoModelForCausalLM
+def _tokenizer_digest(directory: Path) -> str | None:
+    files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
-    model = AutoModelForCausalLM.from_config(hf_config)
-    model.loss_type = "ForCausalLM"  # transformers otherwise warns that the (unset) loss type is unrecognized
-    if model_cfg.activation_checkpointing:
+
+def check_tokenizer(model_dir: Path, tokenizer_info: dict) -> None:
+    """Refuse a pretrained model whose tokenizer differs from the one the shards were made with: the token ids
+    would mean other words. Compared on the tokenizer files both directories hold."""
+    data_dir = Path(tokenizer_info["path"])
+    ours, theirs = _tokenizer_digest(model_dir), _tokenizer_digest(data_dir) if data_dir.is_dir() else None
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ConfigError(f"model.path: the tokenizer in {model_dir} differs from {data_dir}, the one the shards were "
+                          f"made with; re-run `python -m data_prep tokenize --tokenizer {model_dir}`")
+
+
+def _override_dropout(hf_config, dropout: float | None) -> None:
+    if dropout is None:
+        return
+    for key, value in hf_config.to_dict().items():
+        if ("dropout" in key or key.endswith("pdrop")) and (value is None or isinstance(value, float)):
+            setattr(hf_config, key, dropout)
+
+
+def _task_config(hf_config, cfg: Config, manifest: dict) -> None:
+    """Settings every task needs from the manifest: the label set for classification, a pad id to batch with."""
+    if cfg.task.kind == "classification":
+        labels = manifest["classification"]["labels"]
+        hf_config.num_labels = len(labels)
+        hf_config.id2label = {i: str(label) for i, label in enumerate(labels)}
+        hf_config.label2id = {str(label): i for i, label in enumerate(labels)}
+    if getattr(hf_config, "pad_token_id", None) is None:
+        hf_config.pad_token_id = pad_id(manifest)
+    hf_config.use_cache = False  # no KV cache while training; activation checkpointing requires it off
+    _override_dropout(hf_config, cfg.model.dropout)
+
+
+def pad_id(manifest: dict) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else EOS (padding never carries loss)."""
+    info = manifest["tokenizer"]
+    return info["pad_id"] if info.get("pad_id") is not None else info["eos_id"]
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+
+
+def build_model(cfg: Config, manifest: dict) -> torch.nn.Module:
+    """The model with its task head, fine-tuning method applied and activation checkpointing set."""
+    from transformers import AutoConfig
+
+    tokenizer_info = manifest["tokenizer"]
+    if cfg.model.init == "pretrained":
+        path = Path(cfg.model.path)
+        if not path.is_dir():
+            raise ConfigError(f"model.path: {path} is not a directory (a local HF model dir is needed; model hubs "
+                              "are not contacted)")
+        check_tokenizer(path, tokenizer_info)
+        try:
+            hf_config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.path: {path} is not a HF model directory ({exc})") from None
+        _task_config(hf_config, cfg, manifest)
+        model = _auto_class(cfg.task.kind).from_pretrained(path, config=hf_config, dtype=torch.float32)
+        rows = model.get_input_embeddings().weight
+        rows = getattr(rows, "ds_shape", rows.shape)[0]
+        if rows < tokenizer_info["vocab_size"]:
+            raise ConfigError(f"model.path: {path} embeds {rows} tokens but the shards' tokenizer has "
+                              f"{tokenizer_info['vocab_size']}")
+    else:
+        hf_config = build_hf_config(cfg.model, tokenizer_info, cfg.data.seq_len)
+        _task_config(hf_config, cfg, manifest)
+        model = _auto_class(cfg.task.kind).from_config(hf_config)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and positions < cfg.data.seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {positions} positions; lower it")
+    if cfg.model.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.finetune.method == "freeze":
+        freeze(model, cfg)
+    elif cfg.finetune.method == "lora":
+        model = add_lora(model, cfg)
     return model
+
+
+def _layer_list(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer blocks: the first ModuleList as long as the config's layer count."""
+    layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return module
+    raise ConfigError(f"finetune.freeze_bottom_layers: found no list of {layers} layers in {type(model).__name__}")
+
+
+def head_parameter_names(model: torch.nn.Module, kind: str) -> list[str]:
+    names = [n for n, _ in model.named_parameters() if n.split(".")[0] in HEAD_MODULES[kind]]
+    if not names:
+        reason = (" (it is tied to the input embeddings)" if getattr(model.config, "tie_word_embeddings", False)
+                  else "")
+        raise ConfigError(f"finetune.freeze_all_but_head: {type(model).__name__} has no separate "
+                          f"{'/'.join(HEAD_MODULES[kind])} head{reason}")
+    return names
+
+
+def freeze(model: torch.nn.Module, cfg: Config) -> None:
+    """Turn off gradients for what finetune.freeze_* names. Frozen parameters get no optimizer state."""
+    f = cfg.finetune
+    if f.freeze_all_but_head:
+        head = set(head_parameter_names(model, cfg.task.kind))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in head)
+        return
+    if f.freeze_embeddings:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.requires_grad_(False)
+    if f.freeze_bottom_layers:
+        layers = _layer_list(model)
+        if f.freeze_bottom_layers > len(layers):
+            raise ConfigError(f"finetune.freeze_bottom_layers={f.freeze_bottom_layers} but the model has "
+                              f"{len(layers)} layers")
+        for layer in layers[:f.freeze_bottom_layers]:
+            layer.requires_grad_(False)
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig, TaskType
+
+    f = cfg.finetune
+    return LoraConfig(task_type=TaskType.SEQ_CLS if cfg.task.kind == "classification" else TaskType.CAUSAL_LM,
+                      r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
+                      target_modules=list(f.lora_target_modules) or None)
+
+
+def add_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """Wrap with PEFT LoRA adapters; the base weights are frozen, the adapters (and a classification head, which
+    PEFT marks modules_to_save) train."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"finetune.lora_target_modules: {exc}") from None
+
+
+def cast_unpartitioned(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """ZeRO-3: parameters created after the model was loaded partitioned (LoRA adapters, PEFT's trainable copy of a
+    classification head) are not partitioned yet and keep the dtype they were made in, while the loaded ones are in
+    the training dtype. DeepSpeed partitions them at initialize() but needs one dtype for all trainable parameters
+    (ZeRO-1/2 cast the whole module instead), so they are cast here; the optimizer still keeps fp32 masters."""
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

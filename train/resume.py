@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from train.errors import ResumeError
 
-BREAKING = ("model.", "data.seq_len", "data.train_split", "run.seed", "train.precision", "train.deepspeed_config",
+BREAKING = ("task.", "model.", "finetune.", "data.seq_len", "data.train_split", "run.seed", "train.precision", "train.deepspeed_config",
             "tokenizer_fingerprint")
 
 

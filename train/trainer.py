@@ -1,8 +1,11 @@
-"""The one training loop: build everything from a Config, train, evaluate, checkpoint, resume.
+"""The one training loop for every task and fine-tuning method: build everything from a Config, train, evaluate,
+track the best checkpoint, stop early, checkpoint, resume, and score the test split.
 
-Each stateful part owns its state (`GlobalBatchSampler`, the DeepSpeed engine, per-rank RNG, the counters here);
-`Checkpointer` gathers them. Losses stay on the device and are read back only at log and eval points; the one
-per-step host sync is a 2-integer all-reduce (preemption signal, non-finite loss) that keeps the ranks in step.
+Each stateful part owns its state (`GlobalBatchSampler`, the DeepSpeed engine, per-rank RNG, `BestTracker`, the
+counters here); `Checkpointer` gathers them. What differs between tasks is only the items a batch is made of
+(`train.data`) and what is computed from the logits (`train.tasks`). Losses stay on the device and are read back
+only at log and eval points; the one per-step host sync is a 3-integer all-reduce (preemption signal, non-finite
+loss, tokens in the step) that keeps the ranks in step.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from pathlib import Path
 
 import deepspeed
+import numpy as np
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 import torch
@@ -21,14 +25,15 @@ import yaml
 
 from data_prep.shards import ShardSet
 from train import ds_config as ds_config_lib
-from train import faults, preemption, resume
+from train import faults, preemption, resume, tasks
+from train.best import BestTracker
 from train.checkpoint import Checkpointer, write_atomic
-from train.config import Config
-from train.data import GlobalBatchSampler, TokenWindows, eval_batches
+from train.config import RECORD_KIND_OF_TASK, Config
+from train.data import IGNORE, Documents, GlobalBatchSampler, TokenWindows, eval_batches
 from train.distributed import init_distributed
 from train.errors import ConfigError, RunError
 from train.metrics import Metrics
-from train.model import build_causal_lm, build_hf_config, count_parameters, param_groups
+from train.model import build_model, cast_unpartitioned, count_parameters, pad_id, param_groups
 from train.rng import seed_everything
 from train.schedule import lr_at
 
@@ -51,13 +56,23 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.metrics = None
 
-        self.train_windows = TokenWindows(ShardSet(cfg.data.path, cfg.data.train_split), cfg.data.seq_len)
-        self.val_windows = (TokenWindows(ShardSet(cfg.data.path, cfg.data.val_split), cfg.data.seq_len)
-                            if cfg.data.val_split else None)
-        manifest = self.train_windows.shards.manifest
-        self.sampler = GlobalBatchSampler(len(self.train_windows), cfg.train.micro_batch_size,
+        self.kind = cfg.task.kind
+        train_shards = ShardSet(cfg.data.path, cfg.data.train_split)
+        manifest = train_shards.manifest
+        record_kind = manifest.get("record_kind", "text")
+        if record_kind != RECORD_KIND_OF_TASK[self.kind]:
+            raise ConfigError(f"task.kind: {self.kind} trains on '{RECORD_KIND_OF_TASK[self.kind]}' shards but "
+                              f"{cfg.data.path} holds '{record_kind}' records; set task.kind or tokenize with "
+                              f"--record-kind {RECORD_KIND_OF_TASK[self.kind]}")
+        self.num_labels = manifest["classification"]["num_labels"] if self.kind == "classification" else 0
+        self.train_items = self._items(train_shards, manifest)
+        self.val_items = self._split_items(cfg.data.val_split, manifest)
+        self.test_items = self._split_items(cfg.data.test_split, manifest)
+        self.sampler = GlobalBatchSampler(len(self.train_items), cfg.train.micro_batch_size,
                                           cfg.train.grad_accum_steps, self.world_size, self.rank, cfg.run.seed)
-        self.tokens_per_step = self.sampler.global_batch * cfg.data.seq_len
+        self.steps_per_epoch = len(self.train_items) // self.sampler.global_batch
+        # Derived once, here: everything else (schedule, loop, logs) reads self.max_steps.
+        self.max_steps = cfg.train.epochs * self.steps_per_epoch if cfg.train.epochs else cfg.train.max_steps
         self.tokenizer_fingerprint = manifest["tokenizer"]["fingerprint"]
 
         ds_config = ds_config_lib.build(cfg, self.world_size)
@@ -67,6 +82,8 @@ class Trainer:
         if found and cfg.run.resume == "never":
             raise ConfigError(f"run.resume: 'never' but {self.run_dir} already has checkpoint {found[0]}; "
                               "choose another run.name or set run.resume=auto")
+        if not found and cfg.run.resume == "require":
+            raise ConfigError(f"run.resume: 'require' but {self.checkpointer.directory} has no complete checkpoint")
         load_tag = None
         self.config_changes = []
         if found:
@@ -80,14 +97,15 @@ class Trainer:
                 load_tag = resume.convert_to_universal(self.checkpointer.directory, tag, self.rank)
                 ds_config["checkpoint"] = {"load_universal": True}
 
-        hf_config = build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len)
-        seed_everything(cfg.run.seed)  # same initial weights on every rank
+        seed_everything(cfg.run.seed)  # same initial weights (and new heads, adapters) on every rank
         if ds_config_lib.zero_stage(ds_config) == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             # Must stay referenced while the model is built: transformers checks it to partition at init.
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        model = build_causal_lm(cfg.model, hf_config)
+        model = build_model(cfg, manifest)
+        if ds_config_lib.zero_stage(ds_config) == 3 and cfg.train.precision != "fp32":
+            cast_unpartitioned(model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
         self.trainable_params, self.total_params = count_parameters(model)
         o = cfg.optim
         optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
@@ -98,6 +116,11 @@ class Trainer:
         self.tokens_seen = 0
         self.nonfinite_steps = 0  # steps whose loss or gradients were not finite
         self.rollbacks = 0
+        self.best = (BestTracker(cfg.train.best_metric, cfg.train.best_mode, cfg.train.early_stopping_patience)
+                     if cfg.train.best_metric else None)
+        self.stopped_early = False
+        self.test_before: dict | None = None  # test metrics of the starting model
+        self._last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest validation pass
         self._nonfinite_batches: list[tuple[int, int]] = []  # the current run of non-finite steps
         self.last_checkpoint: Path | None = None  # and the step it holds is self.step right after save/resume
         self.last_checkpoint_step: int | None = None
@@ -105,24 +128,39 @@ class Trainer:
         if found:
             self._resume(tag, load_tag)
             self.resumed_from = str(self.last_checkpoint)
+            self.stopped_early = bool(self.best and self.best.should_stop)  # a finished early-stopped run stays so
 
         self.preemption = preemption.PreemptionFlag()
         self.preempted = False
-        self._step_flags = torch.zeros(2, dtype=torch.int32, device=self.engine.device)
+        self._step_flags = torch.zeros(3, dtype=torch.int64, device=self.engine.device)
         self.metrics = Metrics(self.run_dir, enabled=self.rank == 0)
         if self.rank == 0:
             resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             write_atomic(self.run_dir / "config.yaml", resolved.encode())
+            # train.export / train.predict rebuild the model from these two files, without the shards.
+            write_atomic(self.run_dir / "data_manifest.json", json.dumps(manifest, indent=1).encode())
             self.metrics.text("config", f"```\n{resolved}\n```")
+
+    def _items(self, shards: ShardSet, manifest: dict):
+        if self.kind == "causal_lm":
+            return TokenWindows(shards, self.cfg.data.seq_len)
+        return Documents(shards, self.cfg.data.seq_len, self.kind, pad_id(manifest), packing=self.cfg.task.sft_packing)
+
+    def _split_items(self, split: str, manifest: dict):
+        return self._items(ShardSet(self.cfg.data.path, split), manifest) if split else None
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_steps,
-                "rollbacks": self.rollbacks}
+                "rollbacks": self.rollbacks, "test_before": self.test_before,
+                "best": self.best.state_dict() if self.best else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.nonfinite_steps, self.rollbacks = state["nonfinite_steps"], state["rollbacks"]
+        self.test_before = state.get("test_before")
+        if self.best and state.get("best"):
+            self.best.load_state_dict(state["best"])
 
     def _identity(self) -> dict:
         """What a checkpoint must agree with for this run to continue it (see train.resume)."""
@@ -154,50 +192,63 @@ class Trainer:
         return self.last_checkpoint if self.last_checkpoint_step == self.step else self.save()
 
     # ------------------------------------------------------------------------------------------------ loop
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss as a device tensor."""
-        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logits for a batch (its labels already removed)."""
+        device = self.engine.device
+        return self.engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).logits
+
+    def train_step(self) -> tuple[torch.Tensor, int]:
+        """One optimizer step over grad_accum_steps micro-batches: (mean loss as a device tensor, this rank's
+        tokens)."""
+        lr = lr_at(self.step, self.cfg.optim, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.engine.device)
+        tokens = 0
         for indices in self.sampler.next_step():
-            input_ids = self.train_windows.batch(indices).to(self.engine.device, non_blocking=True)
-            loss = faults.poison(self.engine(input_ids=input_ids, labels=input_ids).loss, self.sampler, self.rank)
+            batch, num_tokens = self.train_items.model_batch(indices)
+            labels = batch.pop("labels").to(self.engine.device, non_blocking=True)
+            loss = tasks.loss(self.kind, self._forward(batch), labels, self.cfg.task.label_smoothing)
+            loss = faults.poison(loss, self.sampler, self.rank)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed only updates at the accumulation boundary
             loss_sum += loss.detach().float()
+            tokens += num_tokens
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
-        return loss_sum / self.cfg.train.grad_accum_steps
+        return loss_sum / self.cfg.train.grad_accum_steps, tokens
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if self.val_windows is None:
-            return None
+    def evaluate(self, items, split: str) -> dict[str, float]:
+        """Metrics of one pass over `items` (train.eval_batches rounds, or all), named `<split>/<metric>`."""
         self.engine.eval()
-        totals = torch.zeros(2, device=self.engine.device)  # (sum of batch losses, batches)
-        for indices in eval_batches(len(self.val_windows), self.cfg.train.micro_batch_size, self.world_size,
-                                    self.rank, self.cfg.train.eval_batches):
-            input_ids = self.val_windows.batch(indices).to(self.engine.device)
-            totals[0] += self.engine(input_ids=input_ids, labels=input_ids).loss.float()
-            totals[1] += 1
-        dist.all_reduce(totals)
+        sums = tasks.EvalSums(self.kind, self.num_labels, self.engine.device)
+        for indices in eval_batches(len(items), self.cfg.train.micro_batch_size, self.world_size, self.rank,
+                                    self.cfg.train.eval_batches):
+            # A rank with nothing left still runs a forward pass (ZeRO-3 gathers collectively) and counts nothing.
+            batch, _ = items.model_batch(indices if len(indices) else np.array([len(items) - 1]))
+            labels = batch.pop("labels")
+            if not len(indices):
+                labels.fill_(IGNORE)
+            sums.add(self._forward(batch), labels.to(self.engine.device))
+        dist.all_reduce(sums.sums)
         self.engine.train()
-        if totals[1] == 0:
-            raise ConfigError(f"data.val_split '{self.cfg.data.val_split}' has fewer than "
-                              f"micro_batch_size x world size = {self.cfg.train.micro_batch_size * self.world_size} "
-                              f"windows of {self.cfg.data.seq_len} tokens; use a larger split or data.val_split=''")
-        return (totals[0] / totals[1]).item()
+        metrics = sums.metrics()
+        if not metrics:
+            raise ConfigError(f"data.{split}_split: fewer than micro_batch_size x world size = "
+                              f"{self.cfg.train.micro_batch_size * self.world_size} items to evaluate; use a larger "
+                              f"split, train.eval_batches=0, or disable it with data.{split}_split=''")
+        return {f"{split}/{name}": value for name, value in metrics.items()}
 
-    def _agree(self, step_loss: torch.Tensor) -> tuple[bool, bool]:
-        """(was any rank signalled, was any rank's loss non-finite): the loop's one per-step host sync, a tiny
-        all-reduce so that every rank stops, skips or rolls back at the same step."""
+    def _agree(self, step_loss: torch.Tensor, tokens: int) -> tuple[bool, bool, int]:
+        """(was any rank signalled, was any rank's loss non-finite, tokens of the step over all ranks): the loop's
+        one per-step host sync, a tiny all-reduce so that every rank stops, skips or rolls back at the same step."""
         self._step_flags[0] = 1 if self.preemption.received else 0
-        self._step_flags[1] = (~torch.isfinite(step_loss)).int()
-        dist.all_reduce(self._step_flags, op=dist.ReduceOp.MAX)
-        signalled, nonfinite = self._step_flags.tolist()
+        self._step_flags[1] = (~torch.isfinite(step_loss)).long()
+        self._step_flags[2] = tokens
+        dist.all_reduce(self._step_flags)
+        signalled, nonfinite, step_tokens = self._step_flags.tolist()
         # DeepSpeed skips an update whose gradients overflow (bf16/fp16, every ZeRO stage): non-finite too.
-        return bool(signalled), bool(nonfinite) or not self.engine.was_step_applied()
+        return bool(signalled), bool(nonfinite) or not self.engine.was_step_applied(), step_tokens
 
     def _on_nonfinite(self) -> bool:
         """The update was skipped (DeepSpeed found non-finite gradients) or, where DeepSpeed applies it anyway
@@ -233,62 +284,112 @@ class Trainer:
                            f"{self.cfg.train.nonfinite_max_rollbacks})")
         return True
 
-    def _log_train(self, train_loss: float, steps: int, elapsed: float) -> None:
-        tokens_per_s = steps * self.tokens_per_step / elapsed
+    def _log_train(self, train_loss: float, tokens: int, elapsed: float) -> None:
+        tokens_per_s = tokens / elapsed
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        lr = lr_at(self.step - 1, self.cfg.optim, self.cfg.train.max_steps)
+        lr = lr_at(self.step - 1, self.cfg.optim, self.max_steps)
         self.metrics.log(self.step, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                     "train/tokens_per_s": tokens_per_s})
-        self.metrics.print(f"step {self.step}/{self.cfg.train.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                                     "train/tokens_per_s": tokens_per_s, "data/tokens_seen": self.tokens_seen,
+                                     "data/epoch": self.step / self.steps_per_epoch})
+        self.metrics.print(f"step {self.step}/{self.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                            f"grad_norm {grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s")
 
-    def _log_eval(self) -> float | None:
-        val_loss = self.evaluate()
-        if val_loss is not None:
-            self.metrics.log(self.step, {"val/loss": val_loss})
-            self.metrics.print(f"step {self.step} | val_loss {val_loss:.4f}")
-        return val_loss
+    @staticmethod
+    def _describe(metrics: dict[str, float]) -> str:
+        return " | ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+    def _log_eval(self) -> dict[str, float]:
+        """Validate (if there is a validation split), log, and track the best checkpoint; {} without a split."""
+        if self.val_items is None:
+            return {}
+        metrics = self.evaluate(self.val_items, "val")
+        self._last_eval = (self.step, metrics)
+        self.metrics.log(self.step, metrics)
+        self.metrics.print(f"step {self.step} | {self._describe(metrics)}")
+        if self.best:
+            if self.best.metric not in metrics:
+                raise ConfigError(f"train.best_metric: {self.best.metric} is not reported for task.kind "
+                                  f"{self.kind}; choose one of {', '.join(metrics)}")
+            if self.best.update(self.step, metrics[self.best.metric]):
+                self.checkpoint_now()
+                self.checkpointer.mark_best(self.step)
+                self.metrics.print(f"step {self.step}: new best {self.best.metric} {self.best.best_value:.4f}")
+            self.stopped_early = self.best.should_stop
+        return metrics
+
+    def _at_epoch_end(self) -> bool:
+        """Whether the step just taken was the last full global batch of its epoch."""
+        s = self.sampler
+        return s.position + s.global_batch > s.num_windows
+
+    def _test(self) -> dict | None:
+        """Score the test split with the best checkpoint's weights (the final ones when no best is tracked) and
+        write results.json. The engine keeps those weights afterwards; the final checkpoint is already saved."""
+        best_tag = self.checkpointer.best_tag() if self.best else None
+        results = {"task": self.kind, "steps": self.step, "stopped_early": self.stopped_early,
+                   "best": ({**self.best.state_dict(), "checkpoint": str(self.checkpointer.directory / best_tag)}
+                            if best_tag else None),
+                   "val_final": self._last_eval[1] if self._last_eval else None}
+        if self.test_items is not None:
+            if best_tag and self.best.best_step != self.step:
+                self.checkpointer.load_weights(self.engine, best_tag)
+            test_after = self.evaluate(self.test_items, "test")
+            self.metrics.log(self.step, test_after)
+            self.metrics.print(f"test with the {'best' if best_tag else 'final'} model: {self._describe(test_after)}")
+            results.update(test_before=self.test_before, test_after=test_after,
+                           test_gain={k: test_after[k] - self.test_before[k] for k in test_after})
+        if self.rank == 0:
+            write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2).encode())
+        return results
 
     def fit(self) -> dict:
         cfg, train = self.cfg, self.cfg.train
         self.metrics.print(
             f"run {self.run_dir} | {self.world_size} ranks | {self.total_params:,} parameters "
-            f"({self.trainable_params:,} trainable) | global batch {self.sampler.global_batch} x "
-            f"{cfg.data.seq_len} tokens | {len(self.train_windows):,} training windows"
+            f"({self.trainable_params:,} trainable) | {self.kind}, {cfg.model.init}, {cfg.finetune.method} | global "
+            f"batch {self.sampler.global_batch} | {len(self.train_items):,} training items, "
+            f"{self.steps_per_epoch:,} steps per epoch, {self.max_steps:,} steps"
             + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
         if self.config_changes:
             self.metrics.print(f"resumed with changed settings: {'; '.join(self.config_changes)}")
+        if self.test_items is not None and self.test_before is None:
+            self.test_before = self.evaluate(self.test_items, "test")  # the starting model, kept across resumes
+            self.metrics.log(self.step, self.test_before)
+            self.metrics.print(f"test with the starting model: {self._describe(self.test_before)}")
         fit_start = time.perf_counter()
-        start_step = self.step
+        start_step, start_tokens = self.step, self.tokens_seen
         interval_loss = torch.zeros((), device=self.engine.device)
-        interval_steps, interval_start = 0, time.perf_counter()
-        train_loss = val_loss = None
-        while self.step < train.max_steps:
-            step_loss = self.train_step()
-            signalled, nonfinite = self._agree(step_loss)
+        interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
+        train_loss = None
+        while self.step < self.max_steps and not self.stopped_early:
+            step_loss, tokens = self.train_step()
+            signalled, nonfinite, step_tokens = self._agree(step_loss, tokens)
             if nonfinite:
                 if self._on_nonfinite():  # rolled back: the interval's losses belong to undone steps
                     interval_loss.zero_()
-                    interval_steps, interval_start = 0, time.perf_counter()
+                    interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
             else:
                 self._nonfinite_batches.clear()
+                self.tokens_seen += step_tokens
                 interval_loss += step_loss
                 interval_steps += 1
-            if interval_steps and (self.step % train.log_every == 0 or self.step == train.max_steps):
+                interval_tokens += step_tokens
+            if interval_steps and (self.step % train.log_every == 0 or self.step == self.max_steps):
                 # Losses stay on the device between log points: one all-reduce and one read per interval.
                 dist.all_reduce(interval_loss)
                 train_loss = interval_loss.item() / (self.world_size * interval_steps)
-                self._log_train(train_loss, interval_steps, time.perf_counter() - interval_start)
+                self._log_train(train_loss, interval_tokens, time.perf_counter() - interval_start)
                 interval_loss.zero_()
-                interval_steps, interval_start = 0, time.perf_counter()
-            if self.step < train.max_steps and not nonfinite:
-                if train.eval_every and self.step % train.eval_every == 0:
-                    val_loss = self._log_eval()
+                interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
+            if self.step < self.max_steps and not nonfinite:
+                if ((train.eval_every and self.step % train.eval_every == 0)
+                        or (train.eval_at_epoch_end and self._at_epoch_end())):
+                    self._log_eval()
                 if train.save_every and self.step % train.save_every == 0:
-                    self.save()
+                    self.checkpoint_now()
             faults.inject("after_step", self.step, self.rank)
-            if signalled and self.step < train.max_steps:
+            if signalled and self.step < self.max_steps and not self.stopped_early:
                 self.preempted = True
                 break
         wall = time.perf_counter() - fit_start
@@ -299,14 +400,23 @@ class Trainer:
                                f"{self.step}: checkpoint {checkpoint} on disk "
                                + (f"{time.time() - signalled:.1f}s after the signal" if signalled else ""))
         else:
-            val_loss = self._log_eval()
+            if self._last_eval is None or self._last_eval[0] != self.step:
+                self._log_eval()
             checkpoint = self.checkpoint_now()
+            if self.stopped_early:
+                self.metrics.print(f"early stop at step {self.step}: {self.best.metric} did not improve for "
+                                   f"{self.best.patience} evaluations (best {self.best.best_value:.4f} at step "
+                                   f"{self.best.best_step})")
+        val = self._last_eval[1] if self._last_eval else {}
         steps_run = self.step - start_step
         summary = {
             "run_dir": str(self.run_dir), "steps": self.step, "steps_this_session": steps_run,
             "tokens_seen": self.tokens_seen, "wall_seconds": round(wall, 3),
-            "mean_tokens_per_s": steps_run * self.tokens_per_step / wall if steps_run else None,
-            "final_train_loss": train_loss, "final_val_loss": val_loss, "checkpoint": str(checkpoint),
+            "mean_tokens_per_s": (self.tokens_seen - start_tokens) / wall if steps_run else None,
+            "final_train_loss": train_loss, "final_val_loss": val.get("val/loss"), "final_val": val,
+            "checkpoint": str(checkpoint), "max_steps": self.max_steps, "stopped_early": self.stopped_early,
+            "best_checkpoint": (str(self.checkpointer.directory / self.checkpointer.best_tag())
+                                if self.best and self.checkpointer.best_tag() else None),
             "tensorboard_dir": str(self.metrics.tb_dir), "resumed_from": self.resumed_from,
             "world_size": self.world_size, "parameters": self.total_params,
             "config_fingerprint": cfg.fingerprint(), "preempted": self.preempted,
@@ -316,8 +426,10 @@ class Trainer:
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         if self.preempted:
             return summary
-        self.metrics.print(f"done: {self.step} steps, val_loss {val_loss}, checkpoint {checkpoint}\n"
-                           f"TensorBoard: tensorboard --logdir {self.metrics.tb_dir}")
+        results = self._test()
+        self.metrics.print(f"done: {self.step} steps, {self._describe(val) or 'no validation split'}, checkpoint "
+                           f"{checkpoint}" + (f", best {results['best']['checkpoint']}" if results["best"] else "")
+                           + f"\nTensorBoard: tensorboard --logdir {self.metrics.tb_dir}")
         return summary
 
     def close(self) -> None:

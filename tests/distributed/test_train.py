@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import ROOT, read_metrics, reference_overrides, run_training
+from train.checkpoint import verify
 
 STEPS = 12
 RECIPE = ROOT / "configs/quickstart.yaml"
@@ -79,6 +81,9 @@ def test_every_zero_preset_trains(preset, tiny_data, tmp_path):
     metrics = read_metrics(tmp_path / "quickstart")
     assert [s for s in metrics if "train/loss" in metrics[s]] == [1, 2, 3]
     assert all(metrics[s]["train/loss"] == metrics[s]["train/loss"] for s in (1, 2, 3))  # finite, not NaN
+    # Step 1's loss is the freshly initialised model's: ln(vocab) on every stage. A ZeRO-3 model built inside a bare
+    # zero.Init started near 87 here; from_config under HfDeepSpeedConfig must match ZeRO-0's init.
+    assert abs(metrics[1]["train/loss"] - math.log(512)) < 0.05
     assert (tmp_path / "quickstart/checkpoints/latest").read_text() == "step_3"
 
 
@@ -90,3 +95,20 @@ def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_checkpoint(refere
     summary = json.loads((ref_dir / "summary.json").read_text())
     assert summary["steps_this_session"] == 0 and summary["checkpoint"] == str(ref_dir / f"checkpoints/step_{STEPS}")
     assert (ref_dir / f"checkpoints/step_{STEPS}/checkpoint.json").stat().st_mtime_ns == before
+
+
+def test_a_signal_during_a_save_leaves_it_intact_and_preempts_after(reference_run, tiny_data, tmp_path):
+    """USR1 arrives while the step-8 checkpoint is being written: the save completes untouched, the ranks stop at
+    the end of step 9 with a second checkpoint, and the resumed run matches the uninterrupted one."""
+    ref_dir, _ = reference_run
+    overrides = reference_overrides(tiny_data, tmp_path, "pre", stage=2, steps=STEPS)
+    preempted = run_training(RECIPE, overrides, check=False, env={
+        "REPARAM_FAULT_AT_STEP": "8", "REPARAM_FAULT_PHASE": "in_save", "REPARAM_FAULT_SIGNAL": "USR1"})
+    assert preempted.returncode == 75, preempted.stderr[-3000:]
+    checkpoints = tmp_path / "pre/checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_9"
+    assert verify(checkpoints / "step_8") is None and verify(checkpoints / "step_9") is None
+    assert "preempted (SIGUSR1) at step 9: checkpoint" in preempted.stdout
+    run_training(RECIPE, overrides)
+    ref, got = read_metrics(ref_dir), read_metrics(tmp_path / "pre")
+    assert [got[s]["train/loss"] for s in range(1, STEPS + 1)] == [ref[s]["train/loss"] for s in range(1, STEPS + 1)]

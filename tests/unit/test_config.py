@@ -46,7 +46,7 @@ def test_unknown_section_and_override_typo(tmp_path):
     ("train.max_steps=0", "train.max_steps: must be >= 1, got 0"),
     ("train.precision=fp8", "train.precision: must be bf16, fp16 or fp32, got 'fp8'"),
     ("optim.min_lr=1.0", "optim.min_lr: must be in [0, optim.lr], got 1.0"),
-    ("run.resume=maybe", "run.resume: must be 'auto' or 'never', got 'maybe'"),
+    ("run.resume=maybe", "run.resume: must be 'auto', 'never' or 'require', got 'maybe'"),
     ("train.micro_batch_size=two", "train.micro_batch_size must be int, got str 'two'"),
     ("data.path=''", "data.path: is required"),
 ])

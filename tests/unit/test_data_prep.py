@@ -423,6 +423,30 @@ def test_cli_demo_corpus_tokenizer_tokenize_verify(tmp_path):
     assert proc.stdout.splitlines() == [f"{shard}: sha256 differs from the manifest (file changed or corrupt)"]
 
 
+def test_demo_corpus_sft_and_classification_records_come_from_stdlib_definitions(tmp_path):
+    import ast
+    import inspect
+    import json as json_module
+
+    for kind in ("sft", "classification"):
+        assert run_cli("demo-corpus", "--kind", kind, "--output", str(tmp_path / f"{kind}.jsonl"),
+                       "--max-mb", "0.05").returncode == 0
+    sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    cls = [json.loads(line) for line in (tmp_path / "classification.jsonl").read_text().splitlines()]
+    assert min(len(sft), len(cls)) > 50 and all(set(r) == {"prompt", "response"} for r in sft)
+    for record, example in zip(sft, cls):  # the same definitions in the same order
+        assert record["prompt"] == f"Docstring: {example['text']}\nDefinition:"
+        assert record["response"].startswith(" def " if example["label"] == "function" else " class ")
+    assert {r["label"] for r in cls} == {"function", "class"}
+    # A known stdlib definition appears exactly as Python reports it.
+    doc = " ".join(inspect.getdoc(json_module.dumps).split("\n\n")[0].split())
+    name = ast.parse(inspect.getsource(json_module.dumps)).body[0]
+    full = tmp_path / "all.jsonl"
+    assert run_cli("demo-corpus", "--kind", "sft", "--output", str(full), "--max-mb", "100").returncode == 0
+    records = [json.loads(line) for line in full.read_text().splitlines()]
+    assert {"prompt": f"Docstring: {doc}\nDefinition:", "response": f" def dumps({ast.unparse(name.args)}):"} in records
+
+
 def test_cli_data_error_prints_message_and_exits_2(tmp_path):
     proc = run_cli("tokenize", "--input", str(tmp_path / "missing*.jsonl"), "--tokenizer", str(tmp_path),
                    "--output", str(tmp_path / "out"))

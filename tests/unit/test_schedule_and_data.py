@@ -90,7 +90,8 @@ def test_sampler_continues_the_same_window_sequence_at_another_world_size():
 
 
 def test_too_little_data_for_one_step_is_a_config_error():
-    with pytest.raises(ConfigError, match="the training split has 7 windows but one optimizer step needs 8"):
+    with pytest.raises(ConfigError, match=r"the training split has 7 items \(windows of data.seq_len tokens, or "
+                                          r"examples\) but one optimizer step needs 8"):
         GlobalBatchSampler(7, 2, 2, 2, rank=0, seed=0)
 
 
@@ -110,6 +111,18 @@ def test_checkpoint_retention_keeps_last_n_every_m_and_newest(tmp_path):
     Checkpointer(tmp_path, rank=0, keep_last=2, keep_every=4)._apply_retention(newest=12)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_12", "step_14.partial", "step_4",
                                                          "step_8"]
+
+
+def test_checkpoint_retention_never_deletes_the_best(tmp_path):
+    from train.checkpoint import Checkpointer
+
+    for step in (2, 4, 6, 8, 10, 12):
+        (tmp_path / f"step_{step}").mkdir()
+    checkpointer = Checkpointer(tmp_path, rank=0, keep_last=1)
+    checkpointer.mark_best(4)
+    assert checkpointer.best_tag() == "step_4"
+    checkpointer._apply_retention(newest=12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step_12", "step_4"]
 
 
 def test_checkpoint_verification_names_the_bad_file(tmp_path):
