@@ -1,0 +1,265 @@
+"""train.predict and train.export without training: records encode to exactly the ids data_prep put in the shards
+(and that the trainer feeds the model), batching does not change a prediction, and bad input / bad arguments stop
+with one `error: ...` line naming the file and line. Everything runs in this process (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from data_prep.manifest import tokenizer_fingerprint
+from data_prep.pipeline import tokenize_corpus
+from data_prep.records import RecordSpec
+from data_prep.shards import ShardSet
+from data_prep.train_tokenizer import train_tokenizer
+from tests.conftest import write_classification_corpus, write_corpus, write_sft_corpus
+from train import export as export_lib
+from train import predict as predict_lib
+from train.config import from_dict
+from train.data import Documents
+
+
+def docs_of(shards: ShardSet) -> list[list[int]]:
+    out = []
+    for i in range(len(shards)):
+        tokens, offsets = shards.tokens(i), shards.doc_offsets(i)
+        out += [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    return out
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict_tok")
+    write_corpus(root / "corpus.jsonl", docs=300)
+    train_tokenizer([str(root / "corpus.jsonl")], root / "tokenizer", vocab_size=320)
+    return root
+
+
+def save_model(directory, tokenizer_dir, classify: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    labels = {"id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}} if classify else {}
+    config = AutoConfig.for_model("gpt2", vocab_size=320, n_layer=1, n_embd=32, n_head=2, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=1, **labels)
+    model = (AutoModelForSequenceClassification if classify else AutoModelForCausalLM).from_config(config)
+    model.save_pretrained(directory)
+    shutil.copytree(tokenizer_dir, directory, dirs_exist_ok=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cls_model(tok):
+    return save_model(tok / "cls_model", tok / "tokenizer", classify=True)
+
+
+@pytest.fixture(scope="module")
+def lm_model(tok):
+    return save_model(tok / "lm_model", tok / "tokenizer", classify=False)
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+def test_classification_records_encode_to_the_ids_the_shards_hold(tok, cls_model, tmp_path):
+    write_classification_corpus(tmp_path / "cls.jsonl", docs=60)
+    records = read_jsonl(tmp_path / "cls.jsonl")
+    spec = RecordSpec(kind="classification", labels=("neg", "pos"))
+    manifest = tokenize_corpus([str(tmp_path / "cls.jsonl")], tok / "tokenizer", tmp_path / "shards", spec=spec,
+                               val_count=10)
+    assert manifest["splits"]["train"]["num_docs"] + manifest["splits"]["val"]["num_docs"] == 60
+    in_shards = {}
+    for split in ("train", "val"):
+        shards = ShardSet(tmp_path / "shards", split)
+        labels = np.concatenate([shards.labels(i) for i in range(len(shards))])
+        for doc, label in zip(docs_of(shards), labels):
+            in_shards[tuple(doc)] = manifest["classification"]["labels"][label]
+    predictor = predict_lib.Predictor(cls_model)
+    for record in records:
+        ids = predictor.encode(record)
+        assert ids[-1] == 0  # eos closes the example, as in the shards
+        assert in_shards[tuple(ids)] == record["label"]
+
+
+def test_text_pairs_and_long_texts_encode_and_cut_like_data_prep_and_the_trainer(tok, cls_model, tmp_path):
+    records = [{"q": f"the model reads {'red ' * (i * 7)}cat", "a": f"a dog {i} runs", "label": ["neg", "pos"][i % 2]}
+               for i in range(8)]
+    write_jsonl(tmp_path / "pairs.jsonl", records)
+    spec = RecordSpec(kind="classification", text_fields=("q",), text_pair_field="a", labels=("neg", "pos"))
+    manifest = tokenize_corpus([str(tmp_path / "pairs.jsonl")], tok / "tokenizer", tmp_path / "shards", spec=spec)
+    assert manifest["splits"]["train"]["num_docs"] == 8
+    shards = ShardSet(tmp_path / "shards", "train")
+    seq_len = 16
+    items = Documents(shards, seq_len, "classification", pad_id=1)
+    full = predict_lib.Predictor(cls_model, text_fields=["q"], text_pair_field="a", max_length=1000)
+    cut = predict_lib.Predictor(cls_model, text_fields=["q"], text_pair_field="a", max_length=seq_len)
+    assert [full.encode(r) for r in records] == docs_of(shards)  # no split: the shards keep the input order
+    assert sum(len(ids) > seq_len for ids in docs_of(shards)) >= 4
+    for i, record in enumerate(records):
+        assert cut.encode(record) == items.example(i)[0].tolist()
+
+
+def test_sft_prompts_encode_to_the_untrained_prefix_of_the_shards(tok, lm_model, tmp_path):
+    write_sft_corpus(tmp_path / "sft.jsonl", docs=30)
+    records = read_jsonl(tmp_path / "sft.jsonl")
+    tokenize_corpus([str(tmp_path / "sft.jsonl")], tok / "tokenizer", tmp_path / "shards",
+                    spec=RecordSpec(kind="sft"))
+    shards = ShardSet(tmp_path / "shards", "train")
+    mask, offsets = shards.loss_mask(0), shards.doc_offsets(0)
+    predictor = predict_lib.Predictor(lm_model)
+    assert not predictor.classify and predictor.spec.prompt_field == "prompt"
+    for record, doc, (a, b) in zip(records, docs_of(shards), zip(offsets[:-1], offsets[1:])):
+        prompt_len = int(np.argmax(mask[a:b]))  # the prompt is the untrained prefix; eos is never in it
+        assert predictor.encode(record) == doc[:prompt_len]
+
+
+# ------------------------------------------------------------------------------------------------ predicting
+
+
+def test_classification_output_is_independent_of_the_batch(cls_model, tmp_path, capsys):
+    records = [{"text": "the cat " * n, "id": n} for n in range(1, 12)]
+    records[0]["label"] = records[1]["label"] = "pos"  # a labelled test set: the gold label is kept
+    write_jsonl(tmp_path / "in.jsonl", records)
+    outs = []
+    for batch in (1, 4):
+        out = tmp_path / f"out{batch}.jsonl"
+        assert predict_lib.main([str(cls_model), "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+                                 "--batch-size", str(batch), "--device", "cpu"]) == 0
+        outs.append(read_jsonl(out))
+    agree = sum(o["label"] == "pos" for o in outs[0][:2])
+    assert "classified 11 record(s)" in capsys.readouterr().out
+    assert [o.get("input_label") for o in outs[0]] == ["pos", "pos"] + [None] * 9
+    predict_lib.main([str(cls_model), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl")])
+    assert f"input's label field on {agree} of 2" in capsys.readouterr().out
+    for one, four, record in zip(*outs, records):
+        assert one["id"] == record["id"] and one["text"] == record["text"]
+        assert one["label"] == four["label"] == max(one["probabilities"], key=one["probabilities"].get)
+        assert abs(sum(one["probabilities"].values()) - 1) < 1e-6
+        for label in ("neg", "pos"):
+            assert one["probabilities"][label] == pytest.approx(four["probabilities"][label], abs=1e-6)
+    assert len(outs[0]) == len(records)
+
+
+def test_generation_is_greedy_left_padded_and_independent_of_the_batch(lm_model, tmp_path):
+    records = [{"prompt": p} for p in ("the", "the model reads the data and", "a", "quick slow small large red")]
+    write_jsonl(tmp_path / "in.jsonl", records)
+    outs = []
+    for batch in (1, 4):
+        out = tmp_path / f"out{batch}.jsonl"
+        assert predict_lib.main([str(lm_model), "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+                                 "--batch-size", str(batch), "--max-new-tokens", "6"]) == 0
+        outs.append(read_jsonl(out))
+    assert [r["generated"] for r in outs[0]] == [r["generated"] for r in outs[1]]
+    # The same greedy continuation, computed by hand for the first prompt.
+    predictor = predict_lib.Predictor(lm_model)
+    ids = predictor.encode(records[0])
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(predictor.model(torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == predictor.eos:
+                break
+            ids.append(nxt)
+    expected = predictor.backend.tokenizer.decode(ids[len(predictor.encode(records[0])):], skip_special_tokens=True)
+    assert outs[0][0]["generated"] == expected
+
+
+def error_of(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_json_names_the_file_and_line_and_writes_nothing(cls_model, tmp_path, capsys):
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"text": "a cat"}\n\n{"text": "a dog"\n')
+    out = tmp_path / "out.jsonl"
+    assert predict_lib.main([str(cls_model), "--input", str(bad), "--output", str(out)]) == 2
+    message = error_of(capsys)
+    assert f"{bad}:3:" in message and "not valid JSON" in message
+    assert list(tmp_path.iterdir()) == [bad]  # no output, no temp file
+
+
+def test_a_missing_or_non_string_field_names_the_file_line_and_option(cls_model, lm_model, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"text": "a cat"}, {"txt": "a dog"}])
+    assert predict_lib.main([str(cls_model), "--input", str(path), "--output", str(tmp_path / "o.jsonl")]) == 2
+    message = error_of(capsys)
+    assert f"{path}:2:" in message and "'text'" in message and "--text-field" in message
+    write_jsonl(path, [{"prompt": 3}])
+    assert predict_lib.main([str(lm_model), "--input", str(path), "--output", str(tmp_path / "o.jsonl")]) == 2
+    message = error_of(capsys)
+    assert f"{path}:1:" in message and "'prompt'" in message and "--prompt-field" in message
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_predict_refuses_step_for_an_exported_model_and_a_missing_input(cls_model, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"text": "a cat"}])
+    assert predict_lib.main([str(cls_model), "--input", str(path), "--output", str(tmp_path / "o"),
+                             "--step", "3"]) == 2
+    assert "--step applies to a run directory" in error_of(capsys)
+    assert predict_lib.main([str(cls_model), "--input", str(tmp_path / "nope.jsonl"), "--output",
+                             str(tmp_path / "o")]) == 2
+    assert "no such file" in error_of(capsys)
+
+
+# ------------------------------------------------------------------------------------------------ export errors
+
+
+@pytest.fixture
+def fake_run(tok, tmp_path):
+    """A run directory as the trainer leaves it, with one (empty but complete) checkpoint step_3."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_3").mkdir(parents=True)
+    cfg = from_dict({"run": {"name": "run", "output_dir": str(tmp_path)}, "data": {"path": str(tmp_path / "shards")}})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    tokenizer = tok / "tokenizer"
+    (run / "data_manifest.json").write_text(json.dumps({"record_kind": "text", "tokenizer": {
+        "path": str(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": 320, "eos_id": 0,
+        "bos_id": 0, "pad_id": 1}}))
+    (run / "checkpoints" / "step_3" / "checkpoint.json").write_text(json.dumps({"step": 3, "files": {}}))
+    return run
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--step", "seven"], "--step: expected a step number, 'best' or 'latest', got 'seven'"),
+    (["--step", "7"], "no checkpoint step_7 (steps on disk: 3)"),
+    (["--step", "best"], "no best checkpoint"),
+])
+def test_export_rejects_an_unknown_step(fake_run, tmp_path, capsys, args, expected):
+    out = tmp_path / "export"
+    assert export_lib.main([str(fake_run), "--output", str(out), *args]) == 2
+    assert expected in error_of(capsys)
+    assert not out.exists() and not list(tmp_path.glob(".export*"))
+
+
+def test_export_errors_for_a_missing_run_checkpoint_or_tokenizer(fake_run, tmp_path, capsys):
+    out = str(tmp_path / "export")
+    assert export_lib.main([str(tmp_path / "nope"), "--output", out]) == 2
+    assert "no such run directory" in error_of(capsys)
+    assert export_lib.main([str(fake_run), "--output", out]) == 2  # no `latest` pointer yet
+    assert "no complete checkpoint" in error_of(capsys)
+    (fake_run / "checkpoints" / "best").write_text("step_9")
+    assert export_lib.main([str(fake_run), "--output", out, "--step", "best"]) == 2
+    assert "no checkpoint step_9" in error_of(capsys)
+    assert export_lib.main([str(fake_run), "--output", out, "--no-merge"]) == 2
+    assert "--no-merge keeps a LoRA adapter" in error_of(capsys)
+    manifest = json.loads((fake_run / "data_manifest.json").read_text())
+    manifest["tokenizer"]["path"] = str(tmp_path / "gone")
+    (fake_run / "data_manifest.json").write_text(json.dumps(manifest))
+    assert export_lib.main([str(fake_run), "--output", out]) == 2
+    assert "is gone" in error_of(capsys)
+    assert not (tmp_path / "export").exists()
