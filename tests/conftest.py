@@ -153,3 +153,15 @@ def pretrained_models(tiny_data) -> dict:
         shutil.copytree(tiny_data["tokenizer"], root / model_type, dirs_exist_ok=True)
         out[model_type] = root / model_type
     return out
+
+
+@pytest.fixture(scope="session")
+def blend_spec(tiny_data, tmp_path_factory) -> Path:
+    """A blend spec: the tiny_data shards with weight 3 and a second corpus (same tokenizer) with weight 1."""
+    root = tmp_path_factory.mktemp("blend")
+    write_corpus(root / "other.jsonl", docs=600, seed=5)
+    data_prep("tokenize", "--input", str(root / "other.jsonl"), "--tokenizer", str(tiny_data["tokenizer"]),
+              "--output", str(root / "other"), "--val-fraction", "0.1")
+    spec = root / "blend.txt"
+    spec.write_text(f"{tiny_data['shards']}: 3\n{root / 'other'}: 1\n")
+    return spec

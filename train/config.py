@@ -133,7 +133,9 @@ class FinetuneConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _field("", "Directory written by `python -m data_prep tokenize` (holds manifest.json).")
+    path: str = _field("", "Directory written by `python -m data_prep tokenize` (holds manifest.json), or a blend "
+                           "spec file (`<shard dir>: <weight>` per line, see docs/data_prep.md) to sample several "
+                           "shard directories in proportion; every split is read from each part.")
     seq_len: int = _field(512, "Tokens per training sequence; shards are cut into windows of this length.")
     train_split: str = _field("train", "Split of the manifest used for training.")
     val_split: str = _field("val", "Split used for validation loss; empty string disables validation.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data_prep.blend import BlendSampler
 from data_prep.shards import ShardSet
 from train.errors import ConfigError, ResumeError
 
@@ -93,7 +94,9 @@ class Documents:
 
     def model_batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
         """(model inputs + labels, number of tokens in it, padding excluded)."""
-        examples = [self.example(int(i)) for i in indices]
+        return self.batch_of([self.example(int(i)) for i in indices])
+
+    def batch_of(self, examples: list[tuple]) -> tuple[dict[str, torch.Tensor], int]:
         num_tokens = sum(len(ids) for ids, _ in examples)
         if self.kind == "classification":
             labels = torch.tensor([label for _, label in examples])
@@ -139,6 +142,37 @@ class Documents:
             batch["attention_mask"] = ((causal & same & (segment[:, :, None] > 0)) | own)[:, None]
             batch["position_ids"] = position_ids
         return batch
+
+
+class BlendedItems:
+    """Items of several shard directories drawn in proportion to their weights (a `data_prep.blend` spec).
+
+    Item `i` is the sample `data_prep.blend.BlendSampler` assigns to global index `i` from (seed, i) alone, so the
+    GlobalBatchSampler's order, resume and any world size work unchanged. One epoch is as many samples as the parts
+    hold items together; a part with a larger share than its size is repeated within it, a smaller one subsampled.
+    """
+
+    def __init__(self, parts: list, sampler: BlendSampler):
+        self.parts, self.sampler = parts, sampler
+
+    def __len__(self) -> int:
+        return int(self.sampler.items.sum())
+
+    def _locate(self, indices: np.ndarray) -> list[tuple[int, int]]:
+        """(part, item index within the part) of each sample."""
+        part, shard, local = self.sampler.sample(indices)
+        return [(int(p), int(self.sampler.starts[p][s] + i)) for p, s, i in zip(part, shard, local)]
+
+    def model_batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
+        located = self._locate(indices)
+        if isinstance(self.parts[0], TokenWindows):
+            input_ids = torch.cat([self.parts[p].batch(np.array([i])) for p, i in located])
+            return {"input_ids": input_ids, "labels": input_ids.clone()}, input_ids.numel()
+        return self.parts[0].batch_of([self.parts[p].example(i) for p, i in located])
+
+    def realised(self) -> np.ndarray:
+        """Each part's share of one epoch's samples."""
+        return self.sampler.realised(len(self))
 
 
 class GlobalBatchSampler:

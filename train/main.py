@@ -15,6 +15,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from train import config as config_lib  # noqa: E402
+from data_prep.errors import DataError  # noqa: E402
 from train.errors import RunError  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
         summary = trainer.fit()
         return preemption.EXIT_CODE if summary["preempted"] else 0
-    except RunError as exc:
+    except (RunError, DataError) as exc:
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         return 2

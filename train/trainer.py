@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from data_prep.blend import BlendSampler, load_blend
 from data_prep.shards import ShardSet
 from train import ds_config as ds_config_lib
 from train import faults, preemption, resume, tasks
 from train.best import BestTracker
 from train.checkpoint import Checkpointer, write_atomic
 from train.config import RECORD_KIND_OF_TASK, Config
-from train.data import IGNORE, Documents, GlobalBatchSampler, TokenWindows, eval_batches
+from train.data import IGNORE, BlendedItems, Documents, GlobalBatchSampler, TokenWindows, eval_batches
 from train.distributed import init_distributed
 from train.errors import ConfigError, RunError
 from train.metrics import Metrics
@@ -57,17 +58,21 @@ class Trainer:
         self.metrics = None
 
         self.kind = cfg.task.kind
-        train_shards = ShardSet(cfg.data.path, cfg.data.train_split)
-        manifest = train_shards.manifest
+        manifest, train_sets = self._open(cfg.data.train_split)
         record_kind = manifest.get("record_kind", "text")
         if record_kind != RECORD_KIND_OF_TASK[self.kind]:
             raise ConfigError(f"task.kind: {self.kind} trains on '{RECORD_KIND_OF_TASK[self.kind]}' shards but "
                               f"{cfg.data.path} holds '{record_kind}' records; set task.kind or tokenize with "
                               f"--record-kind {RECORD_KIND_OF_TASK[self.kind]}")
         self.num_labels = manifest["classification"]["num_labels"] if self.kind == "classification" else 0
-        self.train_items = self._items(train_shards, manifest)
+        self.train_items = self._items(train_sets, manifest)
         self.val_items = self._split_items(cfg.data.val_split, manifest)
         self.test_items = self._split_items(cfg.data.test_split, manifest)
+        self.blend = None  # [{path, weight, realised share per epoch}] when training on a blend
+        if isinstance(self.train_items, BlendedItems):
+            sampler = self.train_items.sampler
+            self.blend = [{"path": str(s.directory), "weight": float(w), "realised": float(r)}
+                          for s, w, r in zip(sampler.sets, sampler.weights, self.train_items.realised())]
         self.sampler = GlobalBatchSampler(len(self.train_items), cfg.train.micro_batch_size,
                                           cfg.train.grad_accum_steps, self.world_size, self.rank, cfg.run.seed)
         self.steps_per_epoch = len(self.train_items) // self.sampler.global_batch
@@ -141,13 +146,31 @@ class Trainer:
             write_atomic(self.run_dir / "data_manifest.json", json.dumps(manifest, indent=1).encode())
             self.metrics.text("config", f"```\n{resolved}\n```")
 
-    def _items(self, shards: ShardSet, manifest: dict):
-        if self.kind == "causal_lm":
-            return TokenWindows(shards, self.cfg.data.seq_len)
-        return Documents(shards, self.cfg.data.seq_len, self.kind, pad_id(manifest), packing=self.cfg.task.sft_packing)
+    def _open(self, split: str) -> tuple[dict, ShardSet | tuple[list[ShardSet], np.ndarray]]:
+        """(manifest, the split's shards): one shard directory, or (parts, weights) when data.path is a blend spec
+        file (`data_prep.blend`: every part made with the same tokenizer and record kind)."""
+        if Path(self.cfg.data.path).is_file():
+            sets, weights = load_blend(self.cfg.data.path, split)
+            return sets[0].manifest, (sets, weights)
+        shards = ShardSet(self.cfg.data.path, split)
+        return shards.manifest, shards
+
+    def _items(self, shards, manifest: dict):
+        seq_len = self.cfg.data.seq_len
+
+        def items_of(one: ShardSet):
+            if self.kind == "causal_lm":
+                return TokenWindows(one, seq_len)
+            return Documents(one, seq_len, self.kind, pad_id(manifest), packing=self.cfg.task.sft_packing)
+
+        if isinstance(shards, ShardSet):
+            return items_of(shards)
+        sets, weights = shards
+        sampler = BlendSampler(sets, weights, seq_len if self.kind == "causal_lm" else None, self.cfg.run.seed)
+        return BlendedItems([items_of(one) for one in sets], sampler)
 
     def _split_items(self, split: str, manifest: dict):
-        return self._items(ShardSet(self.cfg.data.path, split), manifest) if split else None
+        return self._items(self._open(split)[1], manifest) if split else None
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -353,6 +376,9 @@ class Trainer:
             + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
         if self.config_changes:
             self.metrics.print(f"resumed with changed settings: {'; '.join(self.config_changes)}")
+        for part in self.blend or []:
+            self.metrics.print(f"blend: {part['path']} weight {part['weight']:.4f}, realised {part['realised']:.4f} "
+                               f"of each epoch's {len(self.train_items):,} samples")
         if self.test_items is not None and self.test_before is None:
             self.test_before = self.evaluate(self.test_items, "test")  # the starting model, kept across resumes
             self.metrics.log(self.step, self.test_before)
@@ -420,7 +446,7 @@ class Trainer:
             "tensorboard_dir": str(self.metrics.tb_dir), "resumed_from": self.resumed_from,
             "world_size": self.world_size, "parameters": self.total_params,
             "config_fingerprint": cfg.fingerprint(), "preempted": self.preempted,
-            "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks,
+            "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks, "blend": self.blend,
         }
         if self.rank == 0:
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())

@@ -112,3 +112,14 @@ def test_a_signal_during_a_save_leaves_it_intact_and_preempts_after(reference_ru
     run_training(RECIPE, overrides)
     ref, got = read_metrics(ref_dir), read_metrics(tmp_path / "pre")
     assert [got[s]["train/loss"] for s in range(1, STEPS + 1)] == [ref[s]["train/loss"] for s in range(1, STEPS + 1)]
+
+
+def test_training_on_a_blend_samples_its_parts_and_reports_the_shares(blend_spec, tiny_data, tmp_path):
+    proc = run_training(RECIPE, [*reference_overrides(tiny_data, tmp_path, "blend", stage=2, steps=4),
+                                 f"data.path={blend_spec}", "train.eval_every=2"])
+    summary = json.loads((tmp_path / "blend/summary.json").read_text())
+    assert [part["weight"] for part in summary["blend"]] == [0.75, 0.25]
+    assert all(abs(part["realised"] - part["weight"]) < 0.03 for part in summary["blend"])
+    assert f"blend: {tiny_data['shards']} weight 0.7500, realised" in proc.stdout
+    metrics = read_metrics(tmp_path / "blend")
+    assert summary["steps"] == 4 and "val/loss" in metrics[2] and "val/loss" in metrics[4]
