@@ -224,6 +224,10 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        _require(not self.train.best_metric or bool(self.data.val_split), "train.best_metric",
+                 "needs a validation split (data.val_split) to measure it on")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name

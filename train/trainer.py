@@ -360,8 +360,10 @@ class Trainer:
             test_after = self.evaluate(self.test_items, "test")
             self.metrics.log(self.step, test_after)
             self.metrics.print(f"test with the {'best' if best_tag else 'final'} model: {self._describe(test_after)}")
+            # test_before is None when the run was started without data.test_split and it was added on resume.
             results.update(test_before=self.test_before, test_after=test_after,
-                           test_gain={k: test_after[k] - self.test_before[k] for k in test_after})
+                           test_gain={k: test_after[k] - self.test_before[k] for k in test_after}
+                           if self.test_before else None)
         if self.rank == 0:
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2).encode())
         return results
@@ -379,7 +381,7 @@ class Trainer:
         for part in self.blend or []:
             self.metrics.print(f"blend: {part['path']} weight {part['weight']:.4f}, realised {part['realised']:.4f} "
                                f"of each epoch's {len(self.train_items):,} samples")
-        if self.test_items is not None and self.test_before is None:
+        if self.test_items is not None and self.test_before is None and self.step == 0:
             self.test_before = self.evaluate(self.test_items, "test")  # the starting model, kept across resumes
             self.metrics.log(self.step, self.test_before)
             self.metrics.print(f"test with the starting model: {self._describe(self.test_before)}")

@@ -218,6 +218,8 @@ def test_a_pretrained_model_with_another_tokenizer_is_refused(pretrained_models,
     ({"model": {"init": "pretrained"}}, "model.path: is required with model.init: pretrained"),
     ({"train": {"early_stopping_patience": 2}}, "train.early_stopping_patience: needs train.best_metric"),
     ({"train": {"best_metric": "accuracy"}}, "train.best_metric: must be a validation metric (val/...)"),
+    ({"train": {"best_metric": "val/loss"}, "data": {"path": "x", "val_split": ""}},
+     "train.best_metric: needs a validation split (data.val_split) to measure it on"),
     ({"model": {"dropout": 1.5}}, "model.dropout: must be null or in [0, 1), got 1.5"),
 ])
 def test_finetune_config_errors_name_the_key(raw, message):
