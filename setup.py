@@ -28,6 +28,7 @@ setup(
         "PyYAML==6.0.4",
         "tqdm==4.70.1",
         "psutil==7.2.2",
+        "matplotlib==3.11.2",  # python -m train.report
     ],
     extras_require={"dev": ["pytest==9.2.0"]},
 )

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from train.config import RECORD_KIND_OF_TASK, Config
 from train.data import IGNORE, BlendedItems, Documents, GlobalBatchSampler, TokenWindows, eval_batches
 from train.distributed import init_distributed
 from train.errors import ConfigError, RunError
+from train.flops import model_flops, peak_flops
 from train.metrics import Metrics
 from train.model import build_model, cast_unpartitioned, count_parameters, pad_id, param_groups
 from train.rng import seed_everything
@@ -112,9 +115,11 @@ class Trainer:
         if ds_config_lib.zero_stage(ds_config) == 3 and cfg.train.precision != "fp32":
             cast_unpartitioned(model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
         self.trainable_params, self.total_params = count_parameters(model)
+        self.flops = model_flops(model, cfg.data.seq_len)
         o = cfg.optim
         optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.peak_flops, self.peak_flops_source = self._peak_flops()
         seed_everything(cfg.run.seed + self.rank)  # dropout masks differ between ranks
 
         self.step = 0
@@ -135,6 +140,7 @@ class Trainer:
             self.resumed_from = str(self.last_checkpoint)
             self.stopped_early = bool(self.best and self.best.should_stop)  # a finished early-stopped run stays so
 
+        self._progress = False  # a progress bar replaces the step log lines (rank 0, interactive terminal)
         self.preemption = preemption.PreemptionFlag()
         self.preempted = False
         self._step_flags = torch.zeros(3, dtype=torch.int64, device=self.engine.device)
@@ -145,6 +151,29 @@ class Trainer:
             # train.export / train.predict rebuild the model from these two files, without the shards.
             write_atomic(self.run_dir / "data_manifest.json", json.dumps(manifest, indent=1).encode())
             self.metrics.text("config", f"```\n{resolved}\n```")
+
+    def _peak_flops(self) -> tuple[float, str]:
+        """Peak FLOP/s of one rank (train.flops: a GPU table or a short matmul probe, all ranks at once so that
+        they share the host as in training), averaged over the ranks; and where rank 0's number came from."""
+        peak, source = peak_flops(self.engine.device, self.cfg.train.precision)
+        total = torch.tensor([peak], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(total)
+        return total.item() / self.world_size, source
+
+    def _memory_peaks(self) -> tuple[float, float | None]:
+        """(peak resident memory, peak CUDA memory allocated) in GB, each the maximum over the ranks: one small
+        all-reduce, at log points and at the end."""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        cuda = torch.cuda.is_available() and self.engine.device.type == "cuda"
+        gpu = torch.cuda.max_memory_allocated(self.engine.device) if cuda else 0
+        peaks = torch.tensor([rss / 1e9, gpu / 1e9], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        rss_gb, gpu_gb = peaks.tolist()
+        return rss_gb, (gpu_gb if cuda else None)
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation of the ranks, from tokens/s over all of them."""
+        return tokens_per_s / self.world_size * self.flops.flops_per_token / self.peak_flops
 
     def _open(self, split: str) -> tuple[dict, ShardSet | tuple[list[ShardSet], np.ndarray]]:
         """(manifest, the split's shards): one shard directory, or (parts, weights) when data.path is a blend spec
@@ -207,7 +236,9 @@ class Trainer:
                                       meta={"world_size": self.world_size, "config_fingerprint": self.cfg.fingerprint(),
                                             "identity": self._identity()})
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
-        self.metrics.print(f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
+        seconds = time.perf_counter() - start
+        self.metrics.log(self.step, {"ckpt/save_seconds": seconds})
+        self.metrics.print(f"checkpoint {path} ({seconds:.1f}s)")
         return path
 
     def checkpoint_now(self) -> Path:
@@ -307,16 +338,27 @@ class Trainer:
                            f"{self.cfg.train.nonfinite_max_rollbacks})")
         return True
 
-    def _log_train(self, train_loss: float, tokens: int, elapsed: float) -> None:
+    def _log_train(self, train_loss: float, tokens: int, elapsed: float, steps: int) -> None:
+        """Log one interval of `steps` steps (called on every rank: it reduces the memory peaks)."""
         tokens_per_s = tokens / elapsed
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         lr = lr_at(self.step - 1, self.cfg.optim, self.max_steps)
-        self.metrics.log(self.step, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                     "train/tokens_per_s": tokens_per_s, "data/tokens_seen": self.tokens_seen,
-                                     "data/epoch": self.step / self.steps_per_epoch})
-        self.metrics.print(f"step {self.step}/{self.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                           f"grad_norm {grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s")
+        rss_gb, gpu_gb = self._memory_peaks()
+        scalars = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "train/tokens_per_s": tokens_per_s, "data/tokens_seen": self.tokens_seen,
+                   "data/epoch": self.step / self.steps_per_epoch,
+                   "train/samples_per_s": steps * self.sampler.global_batch / elapsed,
+                   "train/mfu": self._mfu(tokens_per_s), "sys/mem_rss_gb": rss_gb}
+        if gpu_gb is not None:
+            scalars["sys/gpu_mem_gb"] = gpu_gb
+        self.metrics.log(self.step, scalars)
+        self.metrics.log_tb(self.tokens_seen, {"tokens/train_loss": train_loss})
+        if self._progress:
+            self.metrics.progress(self.step, {"loss": f"{train_loss:.4f}", "tokens/s": f"{tokens_per_s:,.0f}"})
+        else:
+            self.metrics.print(f"step {self.step}/{self.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                               f"grad_norm {grad_norm:.3f} | {tokens_per_s:,.0f} tokens/s")
 
     @staticmethod
     def _describe(metrics: dict[str, float]) -> str:
@@ -390,6 +432,7 @@ class Trainer:
         interval_loss = torch.zeros((), device=self.engine.device)
         interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
         train_loss = None
+        self._progress = self.metrics.start_progress(self.max_steps, self.step)
         while self.step < self.max_steps and not self.stopped_early:
             step_loss, tokens = self.train_step()
             signalled, nonfinite, step_tokens = self._agree(step_loss, tokens)
@@ -407,7 +450,7 @@ class Trainer:
                 # Losses stay on the device between log points: one all-reduce and one read per interval.
                 dist.all_reduce(interval_loss)
                 train_loss = interval_loss.item() / (self.world_size * interval_steps)
-                self._log_train(train_loss, interval_tokens, time.perf_counter() - interval_start)
+                self._log_train(train_loss, interval_tokens, time.perf_counter() - interval_start, interval_steps)
                 interval_loss.zero_()
                 interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
             if self.step < self.max_steps and not nonfinite:
@@ -416,11 +459,14 @@ class Trainer:
                     self._log_eval()
                 if train.save_every and self.step % train.save_every == 0:
                     self.checkpoint_now()
+            self.metrics.progress(self.step)
             faults.inject("after_step", self.step, self.rank)
             if signalled and self.step < self.max_steps and not self.stopped_early:
                 self.preempted = True
                 break
         wall = time.perf_counter() - fit_start
+        self.metrics.end_progress()
+        self._progress = False
         if self.preempted:
             checkpoint = self.checkpoint_now()
             signalled = self.preemption.received_at
@@ -437,10 +483,13 @@ class Trainer:
                                    f"{self.best.best_step})")
         val = self._last_eval[1] if self._last_eval else {}
         steps_run = self.step - start_step
+        rss_gb, gpu_gb = self._memory_peaks()
+        mean_tokens_per_s = (self.tokens_seen - start_tokens) / wall if steps_run else None
+        best = self.best
         summary = {
             "run_dir": str(self.run_dir), "steps": self.step, "steps_this_session": steps_run,
             "tokens_seen": self.tokens_seen, "wall_seconds": round(wall, 3),
-            "mean_tokens_per_s": (self.tokens_seen - start_tokens) / wall if steps_run else None,
+            "mean_tokens_per_s": mean_tokens_per_s,
             "final_train_loss": train_loss, "final_val_loss": val.get("val/loss"), "final_val": val,
             "checkpoint": str(checkpoint), "max_steps": self.max_steps, "stopped_early": self.stopped_early,
             "best_checkpoint": (str(self.checkpointer.directory / self.checkpointer.best_tag())
@@ -449,16 +498,71 @@ class Trainer:
             "world_size": self.world_size, "parameters": self.total_params,
             "config_fingerprint": cfg.fingerprint(), "preempted": self.preempted,
             "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks, "blend": self.blend,
+            "trainable_parameters": self.trainable_params, "flops_per_token": self.flops.flops_per_token,
+            "peak_flops_per_rank": self.peak_flops, "peak_flops_source": self.peak_flops_source,
+            "mean_mfu": self._mfu(mean_tokens_per_s) if mean_tokens_per_s is not None else None,
+            "peak_rss_gb": rss_gb, "peak_gpu_mem_gb": gpu_gb,
+            "best": ({"metric": best.metric, "mode": best.mode, "value": best.best_value, "step": best.best_step}
+                     if best and best.best_value is not None else None),
         }
         if self.rank == 0:
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         if self.preempted:
+            self.metrics.print(self._summary_table(summary))
             return summary
         results = self._test()
+        self._log_hparams(summary, results)
         self.metrics.print(f"done: {self.step} steps, {self._describe(val) or 'no validation split'}, checkpoint "
                            f"{checkpoint}" + (f", best {results['best']['checkpoint']}" if results["best"] else "")
                            + f"\nTensorBoard: tensorboard --logdir {self.metrics.tb_dir}")
+        self.metrics.print(self._summary_table(summary))
         return summary
+
+    def _log_hparams(self, summary: dict, results: dict) -> None:
+        """TensorBoard HParams of a completed run: every scalar config value (dotted keys) and the run's size, with
+        its final metrics under hparams/, so runs compare side by side."""
+        hparams = {}
+        for section, values in self.cfg.to_dict().items():
+            for key, value in values.items():
+                if isinstance(value, (bool, int, float, str)):
+                    hparams[f"{section}.{key}"] = value
+                elif value is not None:
+                    hparams[f"{section}.{key}"] = json.dumps(value, sort_keys=True)
+        hparams.update(world_size=self.world_size, global_batch=self.sampler.global_batch,
+                       parameters=self.total_params, trainable_parameters=self.trainable_params)
+        final = {"hparams/final_train_loss": summary["final_train_loss"], "hparams/mean_mfu": summary["mean_mfu"],
+                 "hparams/mean_tokens_per_s": summary["mean_tokens_per_s"]}
+        if summary["best"]:
+            final[f"hparams/best/{summary['best']['metric']}"] = summary["best"]["value"]
+        for name, value in {**(results.get("val_final") or {}), **(results.get("test_after") or {})}.items():
+            final[f"hparams/{name}"] = value
+        self.metrics.hparams(hparams, final, self.step)
+
+    @staticmethod
+    def _summary_table(summary: dict) -> str:
+        """The end-of-run summary as a few aligned lines (summary.json has it all)."""
+        def number(value, spec):
+            return "n/a" if value is None else format(value, spec)
+
+        rows = [("steps", f"{summary['steps']:,}/{summary['max_steps']:,} ({summary['steps_this_session']:,} this "
+                          "session)" + (", preempted" if summary["preempted"] else "")
+                          + (", stopped early" if summary["stopped_early"] else "")),
+                ("tokens", f"{summary['tokens_seen']:,}"),
+                ("wall time", f"{summary['wall_seconds']:,.1f} s"),
+                ("tokens/s", number(summary["mean_tokens_per_s"], ",.0f") + " (mean over the session)"),
+                ("MFU", (number(summary["mean_mfu"] * 100 if summary["mean_mfu"] is not None else None, ".2f")
+                         + f"% of {summary['peak_flops_per_rank']:.3g} FLOP/s per rank "
+                         f"({summary['peak_flops_source']})")),
+                ("peak memory", f"{summary['peak_rss_gb']:.2f} GB RSS"
+                 + (f", {summary['peak_gpu_mem_gb']:.2f} GB GPU" if summary["peak_gpu_mem_gb"] is not None else ""))]
+        if summary["best"]:
+            best = summary["best"]
+            rows.append((f"best {best['metric']}", f"{best['value']:.4f} at step {best['step']}"))
+        for name, value in summary["final_val"].items():
+            rows.append((f"final {name}", f"{value:.4f}"))
+        rows.append(("checkpoint", summary["checkpoint"]))
+        width = max(len(name) for name, _ in rows)
+        return "run summary\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
     def close(self) -> None:
         if self.metrics is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,7 +113,8 @@ def test_sigterm_to_every_process_still_exits_75(tiny_data, tmp_path):
     assert ("launcher: DeepSpeed's launcher exited 1 after the ranks saved a preemption checkpoint (it was "
             "signalled too); exiting 75") in out
     step = int((tmp_path / "term/checkpoints/latest").read_text().removeprefix("step_"))
-    assert f"preempted (SIGTERM) at step {step}: checkpoint" in out, out[-3000:]
+    # SIGTERM reaches the trainers both directly and as the SIGUSR1 our launcher forwards; either may be first.
+    assert re.search(rf"preempted \((SIGTERM|SIGUSR1)\) at step {step}: checkpoint", out), out[-3000:]
     assert json.loads((tmp_path / "term/summary.json").read_text())["preempted"] is True
 
 

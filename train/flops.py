@@ -1,0 +1,141 @@
+"""Model FLOPs per token and the device's peak FLOP/s, for MFU (model FLOPs utilisation).
+
+FLOPs per trained token (PaLM, Chowdhery et al. 2022, appendix B, extended to frozen parameters):
+
+    forward        2*N            + 4*L*H*Q*T
+    backward       2*N            + 8*L*H*Q*T     gradients of the activations, through the whole network
+                 + 2*N_trainable                  gradients of the weights that are trained
+
+    N            parameters that take part in a matmul on every token: every parameter except embedding lookup
+                 tables (token, position, token-type embeddings); a language-model head counts, tied to the token
+                 embedding or not. LoRA adapters count (they are matmuls on every token).
+    N_trainable  those of the N with requires_grad.
+    L, H, Q, T   layers, attention heads, head size, and data.seq_len (the attention term counts the full T x T
+                 score matrix, as PaLM does, causal mask or not).
+
+With every parameter trained this is exactly PaLM's 6*N + 12*L*H*Q*T. Activation recomputation (activation
+checkpointing) is not counted: MFU counts the model's FLOPs, not the hardware's. With freeze_bottom_layers or
+freeze_all_but_head autograd skips the activation gradients below the lowest trained layer; they are still
+counted, so MFU is an upper estimate there.
+
+Peak FLOP/s per rank: REPARAM_PEAK_FLOPS when set; on a GPU in `GPU_PEAK_FLOPS` (dense bf16/fp16 tensor-core
+numbers from the vendors' data sheets) the table value; otherwise a short matmul probe in the training precision on
+the rank's own threads (`measure_peak`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+# (pattern on torch.cuda.get_device_name(), dense bf16/fp16 FLOP/s). The first match wins, so more specific first.
+GPU_PEAK_FLOPS = [
+    (r"H100.*PCIe", 756e12),
+    (r"H100|H200|GH200", 989e12),  # SXM
+    (r"A100", 312e12),
+    (r"L40S", 362e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10\b", 125e12),
+    (r"V100", 125e12),  # fp16 (V100 has no bf16)
+    (r"\bT4\b", 65e12),  # fp16
+]
+
+PROBE_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    flops_per_token: int
+    n_matmul: int  # N
+    n_trainable: int  # N_trainable
+    layers: int  # L
+    attention_width: int  # H*Q
+    seq_len: int  # T
+
+
+def _numel(param: torch.Tensor) -> int:
+    return getattr(param, "ds_numel", param.numel())  # full size under ZeRO-3 partitioning
+
+
+def _attention_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(L, H*Q) from the HF config of the model (a PEFT wrapper forwards `config`); (0, 0) if it has none."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        return 0, 0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(layers), int(heads * head_dim)
+
+
+def model_flops(model: torch.nn.Module, seq_len: int) -> ModelFlops:
+    """Training FLOPs per token of `model` at sequence length `seq_len` (formula in the module docstring)."""
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    if head is not None and getattr(head, "weight", None) is not None:
+        lookups.discard(id(head.weight))  # a tied LM head multiplies every token by the embedding matrix
+    n_matmul = n_trainable = 0
+    for param in model.parameters():  # each shared parameter once
+        if id(param) in lookups:
+            continue
+        n_matmul += _numel(param)
+        n_trainable += _numel(param) if param.requires_grad else 0
+    layers, width = _attention_shape(model)
+    per_token = 4 * n_matmul + 2 * n_trainable + 12 * layers * width * seq_len
+    return ModelFlops(per_token, n_matmul, n_trainable, layers, width, seq_len)
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype, seconds: float = PROBE_SECONDS) -> float:
+    """FLOP/s of back-to-back square matmuls for about `seconds` on `device` (after one warm-up)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.matmul(a, b)
+    sync()
+    count, start = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        count += 1
+        if count % 4 == 0 or device.type != "cuda":
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2 * n ** 3 * count / elapsed
+
+
+def table_peak(device_name: str) -> float | None:
+    for pattern, flops in GPU_PEAK_FLOPS:
+        if re.search(pattern, device_name):
+            return flops
+    return None
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s of one rank, where the number comes from)."""
+    if os.environ.get("REPARAM_PEAK_FLOPS"):
+        return float(os.environ["REPARAM_PEAK_FLOPS"]), "REPARAM_PEAK_FLOPS"
+    dtype = precision_dtype(precision)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        flops = table_peak(name) if dtype != torch.float32 else None
+        if flops is not None:
+            return flops, f"table: {name}"
+        return measure_peak(device, dtype), f"measured: {name} {str(dtype).removeprefix('torch.')} matmul"
+    return (measure_peak(device, dtype),
+            f"measured: cpu {str(dtype).removeprefix('torch.')} matmul, {torch.get_num_threads()} threads")
