@@ -126,9 +126,12 @@ def build_model(cfg: Config, manifest: dict) -> torch.nn.Module:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.path: {path} is not a HF model directory ({exc})") from None
         _task_config(hf_config, cfg, manifest)
-        # safetensors only: a model directory is never unpickled
-        model = _auto_class(cfg.task.kind).from_pretrained(path, config=hf_config, dtype=torch.float32,
-                                                           use_safetensors=True)
+        try:  # safetensors only: a model directory is never unpickled (a .bin file can run code when loaded)
+            model = _auto_class(cfg.task.kind).from_pretrained(path, config=hf_config, dtype=torch.float32,
+                                                               use_safetensors=True)
+        except OSError as exc:
+            raise ConfigError(f"model.path: cannot load {path} ({exc}); convert pickled weights to safetensors "
+                              "with save_pretrained in a trusted environment") from None
         rows = model.get_input_embeddings().weight
         rows = getattr(rows, "ds_shape", rows.shape)[0]
         if rows < tokenizer_info["vocab_size"]:

@@ -239,3 +239,18 @@ def test_dropout_override_reaches_every_dropout_of_the_model(pretrained_models):
     model = build_model(cfg, manifest("classification"))
     assert model.config.hidden_dropout_prob == 0.0 and model.config.attention_probs_dropout_prob == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_a_pretrained_dir_with_only_pickled_weights_is_refused(pretrained_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(pretrained_models["gpt2"], pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    cfg = cfg_for({"method": "full"}, init="pretrained", path=str(pickled))
+    with pytest.raises(ConfigError, match=f"model.path: cannot load {pickled} .*convert pickled weights to "
+                                          "safetensors"):
+        build_model(cfg, manifest())

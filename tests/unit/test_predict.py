@@ -263,3 +263,24 @@ def test_export_errors_for_a_missing_run_checkpoint_or_tokenizer(fake_run, tmp_p
     assert export_lib.main([str(fake_run), "--output", out]) == 2
     assert "is gone" in error_of(capsys)
     assert not (tmp_path / "export").exists()
+
+
+def test_a_model_directory_holding_only_pickled_weights_is_refused(cls_model, tmp_path, capsys):
+    """A .bin checkpoint is a pickle that can run code when loaded: model directories load safetensors only."""
+    from transformers import AutoModelForSequenceClassification
+
+    pickled = tmp_path / "pickled"
+    model = AutoModelForSequenceClassification.from_pretrained(cls_model)
+    model.save_pretrained(pickled)
+    (pickled / "model.safetensors").unlink()  # the same weights as the pickle transformers still reads
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (cls_model / name).is_file():
+            shutil.copy(cls_model / name, pickled / name)
+    assert (pickled / "pytorch_model.bin").is_file() and not (pickled / "model.safetensors").exists()
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"text": "a cat"}])
+    capsys.readouterr()  # the setup's own loading output
+    assert predict_lib.main([str(pickled), "--input", str(path), "--output", str(tmp_path / "o.jsonl")]) == 2
+    message = error_of(capsys)
+    assert f"{pickled}: cannot load the model" in message and "model.safetensors" in message
