@@ -45,6 +45,12 @@ def main(argv=None) -> int:
 
         trainer = Trainer(cfg)
         summary = trainer.fit()
+        trainer.close()
+        # Rank 0 finishes later (results, TensorBoard, the summary table); a rank that tore down its process group
+        # meanwhile was seen to abort in gloo at exit ("terminate called without an active exception").
+        import torch.distributed as dist
+
+        dist.barrier()
         return preemption.EXIT_CODE if summary["preempted"] else 0
     except (RunError, DataError) as exc:
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
