@@ -92,7 +92,9 @@ def _task_config(hf_config, cfg: Config, manifest: dict) -> None:
         hf_config.num_labels = len(labels)
         hf_config.id2label = {i: str(label) for i, label in enumerate(labels)}
         hf_config.label2id = {str(label): i for i, label in enumerate(labels)}
-    if getattr(hf_config, "pad_token_id", None) is None:
+    if cfg.task.kind == "classification" or getattr(hf_config, "pad_token_id", None) is None:
+        # A decoder's classifier reads the last token that is not pad_token_id: it must be the id our batches are
+        # padded with, whatever the pretrained config says.
         hf_config.pad_token_id = pad_id(manifest)
     hf_config.use_cache = False  # no KV cache while training; activation checkpointing requires it off
     _override_dropout(hf_config, cfg.model.dropout)

@@ -254,3 +254,15 @@ def test_a_pretrained_dir_with_only_pickled_weights_is_refused(pretrained_models
     with pytest.raises(ConfigError, match=f"model.path: cannot load {pickled} .*convert pickled weights to "
                                           "safetensors"):
         build_model(cfg, manifest())
+
+
+def test_a_decoder_classifier_uses_the_pad_id_batches_are_padded_with(pretrained_models, tmp_path):
+    import shutil
+
+    other = tmp_path / "other_pad"
+    shutil.copytree(pretrained_models["gpt2"], other)
+    config = json.loads((other / "config.json").read_text())
+    config["pad_token_id"] = 7
+    (other / "config.json").write_text(json.dumps(config))
+    cfg = cfg_for({"method": "full"}, kind="classification", init="pretrained", path=str(other))
+    assert build_model(cfg, manifest("classification")).config.pad_token_id == 1  # the manifest's pad id
