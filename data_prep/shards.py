@@ -201,6 +201,8 @@ class ShardSet:
         self.num_shards = len(self._entries)
         self._tokens: dict[int, np.memmap] = {}
         self._offsets: dict[int, np.ndarray] = {}
+        self._masks: dict[int, np.memmap] = {}
+        self._labels: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.num_shards
@@ -235,26 +237,32 @@ class ShardSet:
 
     def loss_mask(self, i: int) -> np.memmap:
         """sft: shard `i`'s loss mask, uint8 per token (1 = train on this token), a read-only memmap."""
+        if i in self._masks:
+            return self._masks[i]
         entry = self._entries[i]
         if "mask" not in entry:
             raise DataError(f"{self.directory}: record_kind {self.manifest.get('record_kind')!r} has no loss mask")
         path = self.directory / entry["mask"]
         if not path.is_file() or path.stat().st_size != entry["num_tokens"]:
             raise DataError(f"{path}: missing or not {entry['num_tokens']} bytes; run `python -m data_prep verify`")
-        return np.memmap(path, dtype=np.uint8, mode="r", shape=(entry["num_tokens"],))
+        self._masks[i] = np.memmap(path, dtype=np.uint8, mode="r", shape=(entry["num_tokens"],))
+        return self._masks[i]
 
     def labels(self, i: int) -> np.ndarray:
         """classification: shard `i`'s label id per document (int64, num_docs long)."""
+        if i in self._labels:
+            return self._labels[i]
         entry = self._entries[i]
         if "labels" not in entry:
             raise DataError(f"{self.directory}: record_kind {self.manifest.get('record_kind')!r} has no labels")
         try:
-            return np.load(self.directory / entry["labels"], allow_pickle=False)
+            self._labels[i] = np.load(self.directory / entry["labels"], allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise DataError(f"{self.directory / entry['labels']}: cannot read labels ({exc})") from None
+        return self._labels[i]
 
     def __getstate__(self) -> dict:
         # Pickled into worker processes without the open memmaps (which would be copied); reopened lazily there.
         state = self.__dict__.copy()
-        state["_tokens"], state["_offsets"] = {}, {}
+        state["_tokens"], state["_offsets"], state["_masks"], state["_labels"] = {}, {}, {}, {}
         return state

@@ -80,7 +80,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.keep_every = keep_every
 
-    def _steps_on_disk(self) -> list[int]:
+    def steps_on_disk(self) -> list[int]:
         if not self.directory.is_dir():
             return []
         return sorted(int(m.group(1)) for p in self.directory.iterdir()
@@ -93,8 +93,8 @@ class Checkpointer:
         if not pointer.is_file():
             return None
         latest = _TAG.fullmatch(pointer.read_text().strip())
-        newest = int(latest.group(1)) if latest else max(self._steps_on_disk(), default=-1)
-        for step in sorted((s for s in self._steps_on_disk() if s <= newest), reverse=True):
+        newest = int(latest.group(1)) if latest else max(self.steps_on_disk(), default=-1)
+        for step in sorted((s for s in self.steps_on_disk() if s <= newest), reverse=True):
             path = self.directory / tag_for(step)
             problem = verify(path)
             if problem is None:
@@ -139,7 +139,7 @@ class Checkpointer:
         newest."""
         if not self.keep_last:
             return
-        steps = self._steps_on_disk()
+        steps = self.steps_on_disk()
         best = _TAG.fullmatch(self.best_tag() or "")
         keep = set(steps[-self.keep_last:]) | {newest} | ({int(best.group(1))} if best else set())
         keep |= {s for s in steps if self.keep_every and s % self.keep_every == 0}

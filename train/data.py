@@ -46,7 +46,11 @@ class TokenWindows:
 
     def model_batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
         """(model inputs + labels, number of tokens in it)."""
-        input_ids = self.batch(indices)
+        return self.batch_of(self.batch(indices))
+
+    @staticmethod
+    def batch_of(input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        """Windows as a causal-LM batch: every token is a target."""
         return {"input_ids": input_ids, "labels": input_ids.clone()}, input_ids.numel()
 
 
@@ -65,8 +69,6 @@ class Documents:
         self.shards, self.seq_len, self.kind, self.pad_id, self.packing = shards, seq_len, kind, pad_id, packing
         per_shard = np.asarray([len(shards.doc_offsets(i)) - 1 for i in range(len(shards))], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(per_shard)])
-        self._masks: dict[int, np.ndarray] = {}
-        self._labels: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -79,13 +81,9 @@ class Documents:
         begin, end = int(offsets[doc]), int(offsets[doc + 1])
         ids = np.asarray(self.shards.tokens(shard)[begin:end], dtype=np.int64)
         if self.kind == "sft":
-            if shard not in self._masks:
-                self._masks[shard] = self.shards.loss_mask(shard)
-            target = np.asarray(self._masks[shard][begin:end], dtype=bool)
+            target = np.asarray(self.shards.loss_mask(shard)[begin:end], dtype=bool)
         else:
-            if shard not in self._labels:
-                self._labels[shard] = self.shards.labels(shard)
-            target = int(self._labels[shard][doc])
+            target = int(self.shards.labels(shard)[doc])
         if len(ids) > self.seq_len:
             keep = np.r_[0:self.seq_len - 1, len(ids) - 1]
             ids = ids[keep]
@@ -166,8 +164,7 @@ class BlendedItems:
     def model_batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
         located = self._locate(indices)
         if isinstance(self.parts[0], TokenWindows):
-            input_ids = torch.cat([self.parts[p].batch(np.array([i])) for p, i in located])
-            return {"input_ids": input_ids, "labels": input_ids.clone()}, input_ids.numel()
+            return TokenWindows.batch_of(torch.cat([self.parts[p].batch(np.array([i])) for p, i in located]))
         return self.parts[0].batch_of([self.parts[p].example(i) for p, i in located])
 
     def realised(self) -> np.ndarray:

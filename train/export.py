@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # `python train/export.py`: make the project root
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from train.checkpoint import BEST, LATEST, _TAG, Checkpointer, tag_for, verify  # noqa: E402
+from train.checkpoint import BEST, LATEST, Checkpointer, tag_for, verify  # noqa: E402
 from train.errors import RunError  # noqa: E402
 
 EXPORT_INFO = "export.json"  # where an export came from; train.predict reads it
@@ -57,13 +57,6 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 class ExportError(RunError):
     """A run or checkpoint that cannot be exported; the message says why and what to do."""
-
-
-def _tokenizer_files() -> tuple[str, ...]:
-    """Files of a HF tokenizer directory copied into an export (train.model.TOKENIZER_FILES, added_tokens.json)."""
-    from train.model import TOKENIZER_FILES
-
-    return (*TOKENIZER_FILES, "added_tokens.json")
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -105,21 +98,19 @@ def check_step(step: str | int) -> str:
 def resolve_checkpoint(run_dir: str | Path, step: str | int = "latest") -> str:
     """The checkpoint tag (`step_<N>`) that `--step` names, verified complete against its checkpoint.json."""
     directory = Path(run_dir) / "checkpoints"
-    steps = sorted(int(m.group(1)) for p in directory.iterdir() if p.is_dir() and (m := _TAG.fullmatch(p.name))) \
-        if directory.is_dir() else []
-    available = ", ".join(map(str, steps)) or "none"
+    checkpointer = Checkpointer(directory, rank=0)
+    available = ", ".join(map(str, checkpointer.steps_on_disk())) or "none"
     step = check_step(step)
     if step == LATEST:
-        found = Checkpointer(directory, rank=0).find_latest()  # skips (with a warning) a damaged newest one
+        found = checkpointer.find_latest()  # skips (with a warning) a damaged newest one
         if found is None:
             raise ExportError(f"{run_dir}: no complete checkpoint in {directory} (steps on disk: {available})")
         return found[0]
     if step == BEST:
-        pointer = directory / BEST
-        if not pointer.is_file():
-            raise ExportError(f"{run_dir}: no best checkpoint ({pointer} does not exist: the run did not track "
-                              "train.best_metric, or has not evaluated yet); use --step latest or a step number")
-        tag = pointer.read_text().strip()
+        tag = checkpointer.best_tag()
+        if tag is None:
+            raise ExportError(f"{run_dir}: no best checkpoint ({directory / BEST} does not exist: the run did not "
+                              "track train.best_metric, or has not evaluated yet); use --step latest or a step number")
     else:
         tag = tag_for(int(step))
     path = directory / tag
@@ -314,7 +305,9 @@ def _tokenizer_dir(manifest: dict) -> Path:
 
 def _copy_tokenizer(source: Path, target: Path) -> list[str]:
     copied = []
-    for name in _tokenizer_files():
+    from train.model import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
             copied.append(name)

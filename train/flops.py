@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from train.model import full_numel
+
 # (pattern on torch.cuda.get_device_name(), dense bf16/fp16 FLOP/s). The first match wins, so more specific first.
 GPU_PEAK_FLOPS = [
     (r"H100.*PCIe", 756e12),
@@ -55,10 +57,6 @@ class ModelFlops:
     layers: int  # L
     attention_width: int  # H*Q
     seq_len: int  # T
-
-
-def _numel(param: torch.Tensor) -> int:
-    return getattr(param, "ds_numel", param.numel())  # full size under ZeRO-3 partitioning
 
 
 def _attention_shape(model: torch.nn.Module) -> tuple[int, int]:
@@ -85,8 +83,8 @@ def model_flops(model: torch.nn.Module, seq_len: int) -> ModelFlops:
     for param in model.parameters():  # each shared parameter once
         if id(param) in lookups:
             continue
-        n_matmul += _numel(param)
-        n_trainable += _numel(param) if param.requires_grad else 0
+        n_matmul += full_numel(param)
+        n_trainable += full_numel(param) if param.requires_grad else 0
     layers, width = _attention_shape(model)
     per_token = 4 * n_matmul + 2 * n_trainable + 12 * layers * width * seq_len
     return ModelFlops(per_token, n_matmul, n_trainable, layers, width, seq_len)

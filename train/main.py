@@ -45,7 +45,6 @@ def main(argv=None) -> int:
 
         trainer = Trainer(cfg)
         summary = trainer.fit()
-        trainer.close()
         # Rank 0 finishes later (results, TensorBoard, the summary table); a rank that tore down its process group
         # meanwhile was seen to abort in gloo at exit ("terminate called without an active exception").
         import torch.distributed as dist

@@ -21,7 +21,7 @@ from train.errors import ConfigError
 
 # Files that define a HF tokenizer; a model dir that has any of them must agree with the one the data was made with.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
-                   "merges.txt", "tokenizer.model", "chat_template.jinja")
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
 HEAD_MODULES = {"classification": ("classifier", "score"), "sft": ("lm_head",), "causal_lm": ("lm_head",)}
 
 
@@ -139,13 +139,14 @@ def build_model(cfg: Config, manifest: dict) -> torch.nn.Module:
         if rows < tokenizer_info["vocab_size"]:
             raise ConfigError(f"model.path: {path} embeds {rows} tokens but the shards' tokenizer has "
                               f"{tokenizer_info['vocab_size']}")
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions is not None and positions < cfg.data.seq_len:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {positions} positions; "
+                              "lower it")
     else:
         hf_config = build_hf_config(cfg.model, tokenizer_info, cfg.data.seq_len)
         _task_config(hf_config, cfg, manifest)
         model = _auto_class(cfg.task.kind).from_config(hf_config)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and positions < cfg.data.seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {positions} positions; lower it")
     if cfg.model.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.finetune.method == "freeze":
@@ -237,11 +238,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """A parameter's number of elements, also under ZeRO-3 partitioning (which leaves `param` empty)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, also under ZeRO-3 partitioning."""
     trainable = total = 0
     for param in model.parameters():
-        n = getattr(param, "ds_numel", param.numel())
+        n = full_numel(param)
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total

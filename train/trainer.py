@@ -482,6 +482,7 @@ class Trainer:
                                    f"{self.best.patience} evaluations (best {self.best.best_value:.4f} at step "
                                    f"{self.best.best_step})")
         val = self._last_eval[1] if self._last_eval else {}
+        best_tag = self.checkpointer.best_tag() if self.best else None
         steps_run = self.step - start_step
         rss_gb, gpu_gb = self._memory_peaks()
         mean_tokens_per_s = (self.tokens_seen - start_tokens) / wall if steps_run else None
@@ -492,8 +493,7 @@ class Trainer:
             "mean_tokens_per_s": mean_tokens_per_s,
             "final_train_loss": train_loss, "final_val_loss": val.get("val/loss"), "final_val": val,
             "checkpoint": str(checkpoint), "max_steps": self.max_steps, "stopped_early": self.stopped_early,
-            "best_checkpoint": (str(self.checkpointer.directory / self.checkpointer.best_tag())
-                                if self.best and self.checkpointer.best_tag() else None),
+            "best_checkpoint": str(self.checkpointer.directory / best_tag) if best_tag else None,
             "tensorboard_dir": str(self.metrics.tb_dir), "resumed_from": self.resumed_from,
             "world_size": self.world_size, "parameters": self.total_params,
             "config_fingerprint": cfg.fingerprint(), "preempted": self.preempted,
