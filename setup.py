@@ -18,6 +18,7 @@ setup(
         "tokenizers==0.23.3",
         "gigatoken==0.10.0",
         "awkward==2.14.0",  # data_prep reads gigatoken's awkward output zero-copy
+        "orjson==3.13.0",  # jsonl parsing, about twice as fast as json.loads
         "zstandard==0.25.0",  # .jsonl.zst inputs
         "Jinja2==3.1.6",  # chat templates for sft records
         "tensorboard==2.21.0",

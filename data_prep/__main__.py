@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                                                           "for any value")
     p.add_argument("--chunk-mb", type=float, default=None,
                    help="work unit size in MiB, the granularity of parallelism and of resuming (default: input "
-                        "size / 64, between 1 and 16)")
+                        "size / 16, between 1 and 16)")
     p.add_argument("--num-tasks", type=int, default=_slurm_count(),
                    help="split the work over this many array tasks (default: $SLURM_ARRAY_TASK_COUNT or 1); "
                         "then run `merge`")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 import time
 
-from tqdm import tqdm
-
 LOG_EVERY_S = 10.0
 
 
@@ -26,6 +24,8 @@ class Progress:
         self._last_log = self.start
         self._bar = None
         if sys.stderr.isatty():
+            from tqdm import tqdm  # imported only for a terminal: the import alone costs ~50 ms of start-up
+
             self._bar = tqdm(desc=what, unit="B", unit_scale=True, file=sys.stderr, dynamic_ncols=True, total=total)
 
     def _elapsed(self) -> float:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
+import orjson
+
 from data_prep.errors import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".csv", ".txt")
@@ -240,7 +242,7 @@ def _open_lines(piece: Piece):
         raw = open(path, "rb")
         f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
     else:
-        f = open(path, "rb")
+        f = open(path, "rb", buffering=1 << 20)  # documents are long: an 8 KiB buffer makes readline ~5x slower
         if piece.end >= 0:
             f.seek(piece.start)
     return f
@@ -269,8 +271,32 @@ def _lines(piece: Piece, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
         f.close()
 
 
+_INT64 = 2.0 ** 63
+
+
+def _fast_record(raw: bytes) -> dict | None:
+    """The line's record parsed by orjson (half the time of decode + json.loads, which JSON parsing under the GIL
+    needs when gigatoken encodes at ~300 MB/s), or None where json.loads could read it differently: lines orjson
+    rejects (json.loads accepts NaN, Infinity and lone surrogates, skips blank lines and words its own errors),
+    non-objects, and top-level integers beyond 64 bits, which orjson turns into floats (a label field)."""
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(record) is not dict:
+        return None
+    for value in record.values():
+        if type(value) is float and abs(value) >= _INT64 and value.is_integer():
+            return None
+    return record
+
+
 def _jsonl_records(piece: Piece, stats: ReadStats) -> Iterator[tuple[int, object]]:
     for number, raw in _lines(piece, stats):
+        record = _fast_record(raw)
+        if record is not None:
+            yield number, record
+            continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

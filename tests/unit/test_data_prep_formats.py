@@ -202,3 +202,31 @@ def test_progress_logs_rates_and_eta_when_not_a_tty(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert re.fullmatch(r"data_prep: tokenize: 10 docs \([\d,]+/s\), 5,000 tokens \([\d,]+/s\), 1\.0 MB "
                         r"\([\d.]+ MB/s\), ETA \d+ s\n", err), err
+
+
+def test_jsonl_records_are_exactly_what_json_loads_reads(tmp_path):
+    """orjson reads the lines; wherever it could differ from json.loads the line is read by json.loads instead."""
+    from data_prep.readers import BadRecord, Piece, ReadStats, iter_piece
+
+    lines = [b'{"text": "plain", "label": 3}', b'{"text": "\\ud83d\\ude00 pair", "n": -0.0}',
+             b'{"text": "lone \\ud800 surrogate"}', b'{"text": "x", "score": NaN}', b'{"text": "x", "big": 1e400}',
+             b'{"text": "y", "label": 123456789012345678901234567890}', b'{"text": "z", "f": 1e20}',
+             b'{"text": "dup", "text": "last"}', b'   ', b'[1, 2]', b'\xef\xbb\xbf{"text": "bom"}',
+             b'{"text": "bad \xff utf-8"}', b'{"text": "trailing"} x', b'  {"text": "spaces"}  ', b'{"t": "\\u0000"}']
+    path = tmp_path / "tricky.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    got = {n: r for n, r in iter_piece(Piece(str(path), 0, -1), ReadStats(), [("text", "--text-field")])}
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            assert number not in got  # blank lines are not records
+            continue
+        try:
+            want = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            assert isinstance(got[number], BadRecord) and got[number].reason in ("invalid_json", "invalid_utf8")
+            continue
+        if not isinstance(want, dict):
+            assert isinstance(got[number], BadRecord) and got[number].reason == "not_an_object"
+            continue
+        assert repr(got[number]) == repr(want)  # repr: NaN == NaN, and int vs float tell apart
+        assert [type(v) for v in got[number].values()] == [type(v) for v in want.values()]

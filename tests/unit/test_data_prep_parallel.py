@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.errors import DataError
-from data_prep.pipeline import MIN_MB_PER_PROCESS_ENV, PARTS_DIR, merge, tokenize_corpus
+from data_prep.pipeline import MIN_MB_PER_PROCESS_ENV, PARTS_DIR, auto_chunk_bytes, merge, tokenize_corpus
 from data_prep.shards import ShardSet
 from tests.unit.test_data_prep import ROOT, docs_of, random_text, reference_ids, run_cli, tiny  # noqa: F401
 
@@ -41,6 +41,13 @@ def files_of(directory: Path) -> dict[str, bytes]:
 
 
 ARGS = dict(val_fraction=0.1, test_count=20, shard_tokens=2_000)
+
+
+def test_default_unit_size_is_a_sixteenth_of_the_input_within_1_to_16_mib():
+    mib = 1 << 20
+    assert auto_chunk_bytes(0) == auto_chunk_bytes(16 * mib) == mib  # up to 16 MiB of input: 1 MiB units
+    assert auto_chunk_bytes(72 * mib) == 72 * mib // 16  # the benchmark's corpus: 16 units of 4.5 MiB
+    assert auto_chunk_bytes(10_000 * mib) == 16 * mib
 
 
 def test_output_is_byte_identical_for_any_workers_chunks_batches(tiny, corpus, tmp_path):
