@@ -212,6 +212,9 @@ def main(argv=None) -> int:
         }
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"hf baseline: wrote {args.out}", flush=True)
+    # Ranks leave together, as train/main.py does: a rank that tears down its gloo group while rank 0 still writes
+    # can abort at exit ('terminate called without an active exception') and fail the bench after a good run.
+    torch.distributed.barrier()
     return 0
 
 

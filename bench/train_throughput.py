@@ -102,10 +102,80 @@ def throughput(times: dict[int, float], steps: int, warmup: int, tokens_per_step
     return (steps - warmup) * tokens_per_step / (times[steps] - times[warmup])
 
 
+def median_step_throughput(times: dict[int, float], steps: int, warmup: int, tokens_per_step: int) -> float:
+    """Tokens per second of the median step among warmup+1 .. steps: on a shared machine, steps slowed by other
+    work move the mean but not this."""
+    durations = sorted(times[s] - times[s - 1] for s in range(warmup + 1, steps + 1))
+    return tokens_per_step / durations[len(durations) // 2]
+
+
 def shell_join(cmd: list[str], env_prefix: str) -> str:
     import shlex
 
     return env_prefix + " ".join(shlex.quote(str(c)) for c in cmd)
+
+
+def ours_overrides(args, stage: int, data_dir: Path, run_root: Path, accum: int, name: str) -> list[str]:
+    """The run-config overrides of our trainer's run (the HF baseline derives its inputs from the same config)."""
+    return [
+        "model.model_type=gpt2",
+        f"model.hf_config={{n_layer: 6, n_embd: 384, n_head: 6, n_positions: {max(512, args.seq_len)}}}",
+        f"model.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        f"data.path={data_dir}", f"data.seq_len={args.seq_len}", 'data.val_split=""',
+        "optim.lr=3.0e-4", "optim.min_lr=3.0e-4", "optim.warmup_steps=0",  # constant lr, like HF "constant"
+        "optim.betas=[0.9, 0.95]", "optim.weight_decay=0.1", "optim.eps=1.0e-8", "optim.grad_clip=1.0",
+        f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
+        f"train.grad_accum_steps={accum}", "train.precision=bf16",
+        f"train.deepspeed_config=ds_configs/zero{stage}.json",
+        "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+        f"run.output_dir={run_root}", f"run.name={name}", "run.resume=never", "run.seed=1234",
+    ]
+
+
+def run_ours(args, overrides: list[str], run_dir: Path, ranks: int, threads: int, log_path: Path,
+             tokens_per_step: int, label: str) -> dict:
+    """Train with train/main.py; tokens/s, first/last loss and rank 0's data-loader wait share from metrics.jsonl."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+           str(free_port()), "train/main.py", "--config", BASE_CONFIG, *overrides]
+    print(f"\n[{label}] ours: {shell_join(cmd, f'OMP_NUM_THREADS={threads} ')}", flush=True)
+    wall = run_logged(cmd, env, log_path, args.timeout)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in records if "train/loss" in r}
+    timed = [train[s] for s in range(args.warmup + 1, args.steps + 1)]
+    times = {s: r["time"] for s, r in train.items()}
+    result = {"tokens_per_s": throughput(times, args.steps, args.warmup, tokens_per_step),
+              "median_tokens_per_s": median_step_throughput(times, args.steps, args.warmup, tokens_per_step),
+              "loss": (train[1]["train/loss"], train[args.steps]["train/loss"]),
+              "data_wait_share": sum(r["data/wait_share"] for r in timed) / len(timed)}
+    print(f"[{label}] ours: {result['tokens_per_s']:,.0f} tokens/s, loss {result['loss'][0]:.4f} -> "
+          f"{result['loss'][1]:.4f}, data-loader wait {result['data_wait_share']:.2%} of the step (process wall "
+          f"{wall:.0f}s, log {log_path})", flush=True)
+    return result
+
+
+def matmul_peak(threads: int, precision: str) -> tuple[float, str]:
+    """Peak FLOP/s of one rank as train.flops defines it (GPU table, or a bf16 matmul probe on `threads`
+    threads, measured here in this process before the runs)."""
+    import torch
+
+    from train.flops import peak_flops
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return peak_flops(device, precision)
+
+
+def flops_per_token(cfg, manifest: dict) -> int:
+    """Model FLOPs per trained token (train.flops, PaLM's formula; recomputation not counted)."""
+    from transformers import AutoModelForCausalLM
+
+    from train.flops import model_flops
+    from train.model import build_hf_config
+
+    model = AutoModelForCausalLM.from_config(build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len))
+    return model_flops(model, cfg.data.seq_len).flops_per_token
 
 
 def main(argv=None) -> int:
@@ -125,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/bench_throughput",
                    help="data, run directories and logs (default runs/bench_throughput; replaced per run)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed per training run (default 3600)")
+    p.add_argument("--scaling", action="store_true",
+                   help="also run ours on 1 rank with ranks x threads threads and grad_accum_steps = ranks (same "
+                        "global batch and micro-batch) at the first stage, for the ranks-vs-threads figure")
     args = p.parse_args(argv)
     if not 0 <= args.warmup < args.steps:
         p.error("--warmup must be >= 0 and < --steps")
@@ -148,44 +221,30 @@ def main(argv=None) -> int:
           f"{tokens_per_step} tokens/step, {args.steps} steps ({args.warmup} warmup), activation checkpointing "
           f"{'on' if args.activation_checkpointing else 'off'}, data {data_dir}", flush=True)
 
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    peak, peak_source = matmul_peak(threads, "bf16")
+    print(f"bench: matmul peak {peak:.3g} FLOP/s per rank ({peak_source})", flush=True)
+    fpt = None
+
     results = []
     for stage in args.stages:
         stage_dir = workdir / f"zero{stage}"
-        overrides = [
-            "model.model_type=gpt2",
-            f"model.hf_config={{n_layer: 6, n_embd: 384, n_head: 6, n_positions: {max(512, args.seq_len)}}}",
-            f"model.activation_checkpointing={str(args.activation_checkpointing).lower()}",
-            f"data.path={data_dir}", f"data.seq_len={args.seq_len}", 'data.val_split=""',
-            "optim.lr=3.0e-4", "optim.min_lr=3.0e-4", "optim.warmup_steps=0",  # constant lr, like HF "constant"
-            "optim.betas=[0.9, 0.95]", "optim.weight_decay=0.1", "optim.eps=1.0e-8", "optim.grad_clip=1.0",
-            f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum_steps=1",
-            "train.precision=bf16", f"train.deepspeed_config=ds_configs/zero{stage}.json",
-            "train.log_every=1", "train.eval_every=0", "train.save_every=0",
-            f"run.output_dir={stage_dir}", "run.name=ours", "run.resume=never", "run.seed=1234",
-        ]
+        overrides = ours_overrides(args, stage, data_dir, stage_dir, 1, "ours")
         cfg = config_lib.load(ROOT / BASE_CONFIG, overrides)
+        fpt = fpt or flops_per_token(cfg, manifest)
         ds_config = ds_config_lib.build(cfg, args.ranks)
         stage_dir.mkdir(parents=True, exist_ok=True)
         ds_path = stage_dir / "ds_config.json"
         ds_path.write_text(json.dumps(ds_config, indent=2))
-        manifest = json.loads((data_dir / "manifest.json").read_text())
         model_dir = stage_dir / "hf_model_config"
         build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len).save_pretrained(model_dir)
         row = {"stage": stage}
 
         if args.only in (None, "ours"):
-            shutil.rmtree(cfg.run_dir, ignore_errors=True)
-            cmd = [deepspeed_bin, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), "train/main.py",
-                   "--config", BASE_CONFIG, *overrides]
-            print(f"\n[zero{stage}] ours: {shell_join(cmd, env_prefix)}", flush=True)
-            wall = run_logged(cmd, env, stage_dir / "ours.log", args.timeout)
-            records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-            train = {r["step"]: r for r in records if "train/loss" in r}
-            row["ours"] = throughput({s: r["time"] for s, r in train.items()}, args.steps, args.warmup,
-                                     tokens_per_step)
-            row["ours_loss"] = (train[1]["train/loss"], train[args.steps]["train/loss"])
-            print(f"[zero{stage}] ours: {row['ours']:,.0f} tokens/s, loss {row['ours_loss'][0]:.4f} -> "
-                  f"{row['ours_loss'][1]:.4f} (process wall {wall:.0f}s, log {stage_dir / 'ours.log'})", flush=True)
+            ours = run_ours(args, overrides, cfg.run_dir, args.ranks, threads, stage_dir / "ours.log",
+                            tokens_per_step, f"zero{stage}")
+            row.update(ours=ours["tokens_per_s"], ours_median=ours["median_tokens_per_s"], ours_loss=ours["loss"],
+                       ours_wait=ours["data_wait_share"])
 
         if args.only in (None, "hf"):
             out = stage_dir / "hf_times.json"
@@ -218,6 +277,7 @@ def main(argv=None) -> int:
                       f"{json.dumps(hf['ds_config_changes'])}", flush=True)
             times = {int(k): v for k, v in hf["step_end"].items()}
             row["hf"] = throughput(times, args.steps, args.warmup, tokens_per_step)
+            row["hf_median"] = median_step_throughput(times, args.steps, args.warmup, tokens_per_step)
             row["hf_loss"] = (hf["loss"]["1"], hf["loss"][str(args.steps)])
             print(f"[zero{stage}] hf:   {row['hf']:,.0f} tokens/s, loss {row['hf_loss'][0]:.4f} -> "
                   f"{row['hf_loss'][1]:.4f} ({hf['engine_class']} ZeRO-{hf['engine_zero_stage']}, "
@@ -227,13 +287,27 @@ def main(argv=None) -> int:
                   f"process wall {wall:.0f}s, log {stage_dir / 'hf.log'})", flush=True)
         results.append(row)
 
+    scaling = None
+    if args.scaling and args.only in (None, "ours"):
+        stage, name = args.stages[0], "ours_1rank"
+        overrides = ours_overrides(args, stage, data_dir, workdir / f"zero{stage}", args.ranks, name)
+        one_rank = run_ours(args, overrides, config_lib.load(ROOT / BASE_CONFIG, overrides).run_dir, 1,
+                            threads * args.ranks, workdir / f"zero{stage}" / f"{name}.log", tokens_per_step,
+                            f"zero{stage} scaling")
+        scaling = {"stage": stage, "one_rank": one_rank["tokens_per_s"], "ranks": results[0].get("ours")}
+
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
+    def mfu(tokens_per_s, ranks=args.ranks):
+        return tokens_per_s / ranks * fpt / peak if tokens_per_s else None
+
     print(f"\nTokens/s over steps {args.warmup + 1}..{args.steps} ({args.steps - args.warmup} steps x "
-          f"{tokens_per_step} tokens), {args.ranks} ranks, OMP_NUM_THREADS={threads}:")
-    header = (f"{'stage':>5} | {'ours tok/s':>11} | {'HF tok/s':>11} | {'ours/HF':>7} | "
-              f"{'ours loss first->last':>22} | {'HF loss first->last':>22}")
+          f"{tokens_per_step} tokens), {args.ranks} ranks, OMP_NUM_THREADS={threads}; MFU = tokens/s per rank x "
+          f"{fpt / 1e6:.1f} MFLOP/token / {peak:.3g} FLOP/s ({peak_source}); wait = our data-loader share of the "
+          "step:")
+    header = (f"{'stage':>5} | {'ours tok/s':>11} | {'HF tok/s':>11} | {'ours/HF':>7} | {'ours MFU':>8} | "
+              f"{'HF MFU':>7} | {'wait':>6} | {'ours loss first->last':>22} | {'HF loss first->last':>22}")
     print(header)
     print("-" * len(header))
     for row in results:
@@ -243,10 +317,26 @@ def main(argv=None) -> int:
         hl = row.get("hf_loss")
         ol = f"{ol[0]:.4f} -> {ol[1]:.4f}" if ol else "-"
         hl = f"{hl[0]:.4f} -> {hl[1]:.4f}" if hl else "-"
+        row.update(ours_mfu=mfu(ours), hf_mfu=mfu(hf))
         print(f"{row['stage']:>5} | {fmt(ours, ',.0f'):>11} | {fmt(hf, ',.0f'):>11} | {fmt(ratio, '.3f'):>7} | "
-              f"{ol:>22} | {hl:>22}")
+              f"{fmt(row['ours_mfu'], '.1%'):>8} | {fmt(row['hf_mfu'], '.1%'):>7} | "
+              f"{fmt(row.get('ours_wait'), '.2%'):>6} | {ol:>22} | {hl:>22}")
+    for row in results:
+        ours, hf = row.get("ours_median"), row.get("hf_median")
+        print(f"ZeRO-{row['stage']} median step (robust to other work on a shared machine): ours "
+              f"{fmt(ours, ',.0f')}, HF {fmt(hf, ',.0f')} tokens/s, ours/HF "
+              f"{fmt(ours / hf if ours and hf else None, '.3f')}")
+    if scaling:
+        ratio = scaling["ranks"] / scaling["one_rank"] if scaling["ranks"] else None
+        print(f"\nScaling (ours, ZeRO-{scaling['stage']}, global batch {tokens_per_step} tokens): 1 rank x "
+              f"{threads * args.ranks} threads {scaling['one_rank']:,.0f} tokens/s (MFU "
+              f"{fmt(mfu(scaling['one_rank']), '.1%')} of {args.ranks} x the {threads}-thread peak), "
+              f"{args.ranks} ranks x {threads} threads {fmt(scaling['ranks'], ',.0f')} tokens/s; ranks/threads "
+              f"{fmt(ratio, '.3f')}")
     (workdir / "results.json").write_text(json.dumps({"args": vars(args), "threads": threads,
-                                                      "tokens_per_step": tokens_per_step, "results": results},
+                                                      "tokens_per_step": tokens_per_step, "peak_flops": peak,
+                                                      "peak_source": peak_source, "flops_per_token": fpt,
+                                                      "results": results, "scaling": scaling},
                                                      indent=2))
     print(f"\n(written to {workdir / 'results.json'})")
     return 0

@@ -1,4 +1,5 @@
 """`python -m launcher --config X.yaml [--nproc N] [--nodes HOSTS|slurm | --hostfile FILE] [--dry-run] [overrides]`
+(`python -m launcher plan --config X.yaml ...` predicts memory and time first: launcher/plan.py)
 
 Starts train/main.py through DeepSpeed's launcher, without SSH:
 - no --nodes/--hostfile: N ranks on this machine;
@@ -124,6 +125,11 @@ def plan(args, environ: dict) -> tuple[list[str], dict, str]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        from launcher import plan as plan_command
+
+        return plan_command.main(argv[1:])
     parser, args = parse_args(argv)
     try:
         command, extra, mode = plan(args, os.environ)

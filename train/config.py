@@ -194,6 +194,11 @@ class TrainConfig:
     nonfinite_max_in_a_row: int = _field(3, "A non-finite loss or gradient skips the update; this many in a row "
                                             "roll back to the last checkpoint and skip the offending batches.")
     nonfinite_max_rollbacks: int = _field(2, "Rollbacks allowed before the run stops with a report.")
+    fast_cpu_dropout: bool = _field(True, "On CPU, draw dropout masks (nn.Dropout and causal attention dropout) "
+                                          "from a seeded numpy stream instead of torch's per-element generator: "
+                                          "same formula and probability, other masks, reproducible on resume; ~15% "
+                                          "faster GPT-2 steps on a CPU without MKL's generator (AMD). No effect on "
+                                          "GPU. false: torch's dropout.")
     collective_timeout_s: int = _field(600, "Seconds a collective may wait for the other ranks before the run "
                                             "fails; bounds the hang when a rank or node dies.")
 

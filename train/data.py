@@ -11,10 +11,12 @@ is called with; `labels` holds the loss targets (-100 = no loss), in the model's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from data_prep.blend import BlendSampler
+from data_prep.blend import BlendSampler, load_blend
 from data_prep.shards import ShardSet
 from train.errors import ConfigError, ResumeError
 
@@ -170,6 +172,33 @@ class BlendedItems:
     def realised(self) -> np.ndarray:
         """Each part's share of one epoch's samples."""
         return self.sampler.realised(len(self))
+
+
+def open_split(cfg, split: str) -> tuple[dict, ShardSet | tuple[list[ShardSet], np.ndarray]]:
+    """(manifest, the split's shards) of a run config (`train.config.Config`): one shard directory, or
+    (parts, weights) when data.path is a blend spec file (`data_prep.blend`: every part made with the same
+    tokenizer and record kind)."""
+    if Path(cfg.data.path).is_file():
+        sets, weights = load_blend(cfg.data.path, split)
+        return sets[0].manifest, (sets, weights)
+    shards = ShardSet(cfg.data.path, split)
+    return shards.manifest, shards
+
+
+def split_items(cfg, shards, manifest: dict):
+    """The items the task trains or evaluates on, over what `open_split` returned."""
+    from train.model import pad_id
+
+    def items_of(one: ShardSet):
+        if cfg.task.kind == "causal_lm":
+            return TokenWindows(one, cfg.data.seq_len)
+        return Documents(one, cfg.data.seq_len, cfg.task.kind, pad_id(manifest), packing=cfg.task.sft_packing)
+
+    if isinstance(shards, ShardSet):
+        return items_of(shards)
+    sets, weights = shards
+    sampler = BlendSampler(sets, weights, cfg.data.seq_len if cfg.task.kind == "causal_lm" else None, cfg.run.seed)
+    return BlendedItems([items_of(one) for one in sets], sampler)
 
 
 class GlobalBatchSampler:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from train.config import Config, ModelConfig
@@ -112,8 +114,9 @@ def _auto_class(kind: str):
     return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
 
 
-def build_model(cfg: Config, manifest: dict) -> torch.nn.Module:
-    """The model with its task head, fine-tuning method applied and activation checkpointing set."""
+def build_model(cfg: Config, manifest: dict, base_only: bool = False) -> torch.nn.Module:
+    """The model with its task head, fine-tuning method applied (unless `base_only`) and activation checkpointing
+    set."""
     from transformers import AutoConfig
 
     tokenizer_info = manifest["tokenizer"]
@@ -149,6 +152,11 @@ def build_model(cfg: Config, manifest: dict) -> torch.nn.Module:
         model = _auto_class(cfg.task.kind).from_config(hf_config)
     if cfg.model.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model if base_only else apply_finetune(model, cfg)
+
+
+def apply_finetune(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """What is trained (finetune.method): everything, the LoRA adapters, or all but the frozen parts."""
     if cfg.finetune.method == "freeze":
         freeze(model, cfg)
     elif cfg.finetune.method == "lora":
@@ -251,3 +259,69 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
+
+
+# ------------------------------------------------------------------------------------------ dropout on CPU
+# torch draws CPU dropout masks one element at a time from its mt19937 generator (it uses MKL only on Intel CPUs):
+# ~8 ns per element, a fifth of a GPT-2 training step on the 2-core AMD bench machine, most of it in the attention
+# dropout (batch x heads x seq x seq probabilities per layer, drawn again when activation checkpointing
+# recomputes). The masks below come from numpy's SFC64 instead (~1.5 ns per element), with the same formula
+# (input * keep / (1 - p)) and P(keep) = 1 - p to within 2**-32. Each mask is seeded by one
+# draw from torch's default generator, so it is reproduced wherever torch's RNG state is: by the activation
+# checkpoint recompute, which restores that state, and by a resumed run, whose checkpoint holds it.
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """Dropout's multiplier: 1 / (1 - p) with probability 1 - p, else 0."""
+    seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
+    count = math.prod(shape)
+    bits = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]
+    keep = torch.from_numpy(bits >= round(p * 2 ** 32)).view(shape)
+    return keep.to(dtype).div_(1 - p)
+
+
+class CpuDropout(torch.nn.Dropout):
+    """nn.Dropout with the mask from `keep_mask` on CPU tensors (elsewhere torch's own, fast there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * keep_mask(x.shape, self.p, x.dtype)
+
+
+def _cpu_causal_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                     **kwargs):
+    """transformers' "sdpa" attention, except for causal self-attention with dropout on CPU (training), which
+    PyTorch can only run on its math path: the same computation as that path (fp32 scores, causal mask, softmax,
+    dropout, values) with the dropout mask from `keep_mask`. Everything else goes to transformers' function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    plain = not any(kwargs.get(k) is not None for k in ("position_bias", "cache", "softcap", "sliding_window",
+                                                         "s_aux"))
+    if not (dropout > 0 and causal and attention_mask is None and plain and query.device.type == "cpu"
+            and query.shape == key.shape == value.shape and query.shape[2] > 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    root_scale = math.sqrt(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = (query.float() * root_scale) @ (key.float().transpose(-2, -1) * root_scale)
+    length = query.shape[2]
+    # Added, not masked_fill: as in PyTorch's path, and a broadcast add is ~10x faster and needs no masking pass
+    # in the backward (the softmax already gives masked positions a zero gradient).
+    future = torch.full((length, length), float("-inf")).triu_(1)
+    probs = scores.add_(future).softmax(-1)
+    out = (probs * keep_mask(probs.shape, dropout, probs.dtype)) @ value.float()
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def use_cpu_dropout(model: torch.nn.Module) -> None:
+    """Route the model's dropout (its nn.Dropout modules and the probability transformers' "sdpa" attention
+    receives) through `keep_mask` on CPU. Process-wide for "sdpa": what is not causal self-attention with
+    dropout on CPU still runs transformers' own function."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = _cpu_causal_sdpa
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Dropout:
+                setattr(parent, name, CpuDropout(child.p, child.inplace))

@@ -10,6 +10,8 @@ loss, tokens in the step) that keeps the ranks in step.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import resource
@@ -19,25 +21,24 @@ from pathlib import Path
 
 import deepspeed
 import numpy as np
+import psutil
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 import torch
 import torch.distributed as dist
 import yaml
 
-from data_prep.blend import BlendSampler, load_blend
-from data_prep.shards import ShardSet
 from train import ds_config as ds_config_lib
 from train import faults, preemption, resume, tasks
 from train.best import BestTracker
 from train.checkpoint import Checkpointer, write_atomic
 from train.config import RECORD_KIND_OF_TASK, Config
-from train.data import IGNORE, BlendedItems, Documents, GlobalBatchSampler, TokenWindows, eval_batches
+from train.data import IGNORE, BlendedItems, GlobalBatchSampler, eval_batches, open_split, split_items
 from train.distributed import init_distributed
 from train.errors import ConfigError, RunError
 from train.flops import model_flops, peak_flops
 from train.metrics import Metrics
-from train.model import build_model, cast_unpartitioned, count_parameters, pad_id, param_groups
+from train.model import build_model, cast_unpartitioned, count_parameters, param_groups, use_cpu_dropout
 from train.rng import seed_everything
 from train.schedule import lr_at
 
@@ -51,24 +52,41 @@ def _set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
+def _keep_freed_memory() -> None:
+    """On CPU with glibc, keep freed memory in the heap instead of returning it to the OS. Activations and logits
+    of a step are tens of MB each; glibc serves such blocks with mmap and unmaps them on free, so every step
+    page-faults (and zeroes) all of them again: ~18% of a GPT-2 step on the bench machine. The resident size
+    stays at its high-water mark plus heap fragmentation instead of falling back between steps: about twice the
+    live peak `python -m launcher plan` predicts, on the quick-start model."""
+    libc = ctypes.util.find_library("c")
+    if torch.cuda.is_available() or not libc or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return  # an explicit glibc setting wins (launcher.plan's probe measures live memory that way)
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None)  # glibc only (not musl, not macOS)
+    if mallopt is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        mallopt(m_mmap_threshold, 1 << 30)
+        mallopt(m_trim_threshold, 1 << 30)
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         init_distributed(cfg.train.collective_timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         _set_cpu_threads()
+        _keep_freed_memory()
         self.run_dir = cfg.run_dir
         self.metrics = None
 
         self.kind = cfg.task.kind
-        manifest, train_sets = self._open(cfg.data.train_split)
+        manifest, train_sets = open_split(cfg, cfg.data.train_split)
         record_kind = manifest.get("record_kind", "text")
         if record_kind != RECORD_KIND_OF_TASK[self.kind]:
             raise ConfigError(f"task.kind: {self.kind} trains on '{RECORD_KIND_OF_TASK[self.kind]}' shards but "
                               f"{cfg.data.path} holds '{record_kind}' records; set task.kind or tokenize with "
                               f"--record-kind {RECORD_KIND_OF_TASK[self.kind]}")
         self.num_labels = manifest["classification"]["num_labels"] if self.kind == "classification" else 0
-        self.train_items = self._items(train_sets, manifest)
+        self.train_items = split_items(cfg, train_sets, manifest)
         self.val_items = self._split_items(cfg.data.val_split, manifest)
         self.test_items = self._split_items(cfg.data.test_split, manifest)
         self.blend = None  # [{path, weight, realised share per epoch}] when training on a blend
@@ -111,7 +129,14 @@ class Trainer:
 
             # Must stay referenced while the model is built: transformers checks it to partition at init.
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        # What the process holds before any model state (interpreter, torch, DeepSpeed, the data index, and
+        # transformers' ~100 MB of model code, imported here rather than inside build_model): `python -m launcher
+        # plan --probe` compares its prediction with the peak above this.
+        import transformers.modeling_utils  # noqa: F401
+        self.rss_before_model_gb = psutil.Process().memory_info().rss / 1e9
         model = build_model(cfg, manifest)
+        if cfg.train.fast_cpu_dropout and not torch.cuda.is_available():
+            use_cpu_dropout(model)
         if ds_config_lib.zero_stage(ds_config) == 3 and cfg.train.precision != "fp32":
             cast_unpartitioned(model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
         self.trainable_params, self.total_params = count_parameters(model)
@@ -144,6 +169,7 @@ class Trainer:
         self.preemption = preemption.PreemptionFlag()
         self.preempted = False
         self._step_flags = torch.zeros(3, dtype=torch.int64, device=self.engine.device)
+        self._data_wait_s = 0.0  # seconds this rank spent building batches since the last log point
         self.metrics = Metrics(self.run_dir, enabled=self.rank == 0)
         if self.rank == 0:
             resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -175,31 +201,9 @@ class Trainer:
         """Model FLOPs utilisation of the ranks, from tokens/s over all of them."""
         return tokens_per_s / self.world_size * self.flops.flops_per_token / self.peak_flops
 
-    def _open(self, split: str) -> tuple[dict, ShardSet | tuple[list[ShardSet], np.ndarray]]:
-        """(manifest, the split's shards): one shard directory, or (parts, weights) when data.path is a blend spec
-        file (`data_prep.blend`: every part made with the same tokenizer and record kind)."""
-        if Path(self.cfg.data.path).is_file():
-            sets, weights = load_blend(self.cfg.data.path, split)
-            return sets[0].manifest, (sets, weights)
-        shards = ShardSet(self.cfg.data.path, split)
-        return shards.manifest, shards
-
-    def _items(self, shards, manifest: dict):
-        seq_len = self.cfg.data.seq_len
-
-        def items_of(one: ShardSet):
-            if self.kind == "causal_lm":
-                return TokenWindows(one, seq_len)
-            return Documents(one, seq_len, self.kind, pad_id(manifest), packing=self.cfg.task.sft_packing)
-
-        if isinstance(shards, ShardSet):
-            return items_of(shards)
-        sets, weights = shards
-        sampler = BlendSampler(sets, weights, seq_len if self.kind == "causal_lm" else None, self.cfg.run.seed)
-        return BlendedItems([items_of(one) for one in sets], sampler)
 
     def _split_items(self, split: str, manifest: dict):
-        return self._items(self._open(split)[1], manifest) if split else None
+        return split_items(self.cfg, open_split(self.cfg, split)[1], manifest) if split else None
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -260,7 +264,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.engine.device)
         tokens = 0
         for indices in self.sampler.next_step():
+            start = time.perf_counter()
             batch, num_tokens = self.train_items.model_batch(indices)
+            self._data_wait_s += time.perf_counter() - start
             labels = batch.pop("labels").to(self.engine.device, non_blocking=True)
             loss = tasks.loss(self.kind, self._forward(batch), labels, self.cfg.task.label_smoothing)
             loss = faults.poison(loss, self.sampler, self.rank)
@@ -341,6 +347,7 @@ class Trainer:
     def _log_train(self, train_loss: float, tokens: int, elapsed: float, steps: int) -> None:
         """Log one interval of `steps` steps (called on every rank: it reduces the memory peaks)."""
         tokens_per_s = tokens / elapsed
+        data_wait_share, self._data_wait_s = self._data_wait_s / elapsed, 0.0
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         lr = lr_at(self.step - 1, self.cfg.optim, self.max_steps)
@@ -349,7 +356,8 @@ class Trainer:
                    "train/tokens_per_s": tokens_per_s, "data/tokens_seen": self.tokens_seen,
                    "data/epoch": self.step / self.steps_per_epoch,
                    "train/samples_per_s": steps * self.sampler.global_batch / elapsed,
-                   "train/mfu": self._mfu(tokens_per_s), "sys/mem_rss_gb": rss_gb}
+                   "train/mfu": self._mfu(tokens_per_s), "sys/mem_rss_gb": rss_gb,
+                   "data/wait_share": data_wait_share}
         if gpu_gb is not None:
             scalars["sys/gpu_mem_gb"] = gpu_gb
         self.metrics.log(self.step, scalars)
@@ -439,6 +447,7 @@ class Trainer:
             if nonfinite:
                 if self._on_nonfinite():  # rolled back: the interval's losses belong to undone steps
                     interval_loss.zero_()
+                    self._data_wait_s = 0.0
                     interval_steps, interval_tokens, interval_start = 0, 0, time.perf_counter()
             else:
                 self._nonfinite_batches.clear()
@@ -501,7 +510,7 @@ class Trainer:
             "trainable_parameters": self.trainable_params, "flops_per_token": self.flops.flops_per_token,
             "peak_flops_per_rank": self.peak_flops, "peak_flops_source": self.peak_flops_source,
             "mean_mfu": self._mfu(mean_tokens_per_s) if mean_tokens_per_s is not None else None,
-            "peak_rss_gb": rss_gb, "peak_gpu_mem_gb": gpu_gb,
+            "peak_rss_gb": rss_gb, "rss_before_model_gb": self.rss_before_model_gb, "peak_gpu_mem_gb": gpu_gb,
             "best": ({"metric": best.metric, "mode": best.mode, "value": best.best_value, "step": best.best_step}
                      if best and best.best_value is not None else None),
         }

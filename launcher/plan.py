@@ -1,0 +1,263 @@
+"""`python -m launcher plan --config X.yaml [--world-size N] [--gpu-mem-gb G] [--probe] [overrides]`
+
+Before a run takes an allocation: the per-rank memory of its model states for ZeRO 0-3 with and without CPU offload,
+its activations with and without activation checkpointing at the configured micro-batch and sequence length
+(`launcher.memory`), the largest micro-batch that fits, and the checkpoint size on disk. With --probe it then trains
+10 steps of the same config on this machine (through the launcher, in a temporary run directory), prints the
+measured tokens/s, step time, memory and checkpoint size next to the predictions, and projects the wall time of the
+configured run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from train import config as config_lib
+from train import ds_config as ds_config_lib
+from data_prep.errors import DataError
+from train.errors import RunError
+
+from launcher import memory
+
+PROBE_STEPS = 10
+PROBE_WARMUP = 3  # steps left out of the timing (allocation, first-step set-up)
+GPU_RESERVE = 1e9  # CUDA context, kernels and allocator slack on each GPU, taken off the budget
+CPU_RUNTIME = 0.5e9  # Python + torch + transformers + DeepSpeed code of one CPU rank (~0.37 GB measured here)
+# What a CPU rank adds to its runtime while it sets up and trains besides model states and activations: DeepSpeed's
+# engine and lazily imported code, autograd and allocator bookkeeping. 50-80 MB on the dev box whatever the model
+# size (launcher/memory.py's tests); on a GPU it stays in host memory.
+CPU_FRAMEWORK = 64 * 2 ** 20
+MB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Row:
+    """One way to run the config: a ZeRO stage, what is offloaded, and its per-rank memory in bytes."""
+    stage: int
+    offload: str  # "", "optimizer" or "optimizer+params"
+    states: memory.States
+    act_checkpointed: int
+    act_full: int
+    framework: int  # CPU_FRAMEWORK on CPU, 0 on a GPU
+
+    @property
+    def name(self) -> str:
+        return f"zero{self.stage}" + (f" + offload {self.offload}" if self.offload else "")
+
+    def total(self, checkpointing: bool) -> int:
+        return self.states.device + (self.act_checkpointed if checkpointing else self.act_full) + self.framework
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    counts: memory.ModelCounts
+    activations: memory.Activations
+    rows: list[Row]
+    configured: Row  # the row of the run's own preset and activation checkpointing setting
+    checkpointing: bool
+    checkpoint_bytes: int
+    total_steps: int
+    gpu: bool  # planned for GPUs (flash attention) rather than CPUs like this machine
+
+
+def total_steps(cfg: config_lib.Config, world_size: int) -> int:
+    if not cfg.train.epochs:
+        return cfg.train.max_steps
+    from train.data import open_split, split_items
+
+    manifest, shards = open_split(cfg, cfg.data.train_split)
+    items = split_items(cfg, shards, manifest)
+    return cfg.train.epochs * (len(items) // (cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size))
+
+
+def estimate(cfg: config_lib.Config, world_size: int, gpu: bool) -> Plan:
+    """The plan of a run at `world_size` ranks on GPUs (`gpu`) or on CPUs like this machine's."""
+    from train.data import open_split
+
+    manifest, _ = open_split(cfg, cfg.data.train_split)
+    ds = ds_config_lib.build(cfg, world_size)
+    zero = memory.zero_settings(ds)
+    counts = memory.count(cfg, manifest, zero["persistence"])
+    acts = memory.trace_activations(cfg, manifest, gpu)
+    p = cfg.train.precision
+
+    def row(stage, offload=""):
+        s = memory.states(counts, stage, world_size, p, zero, offload_optimizer=bool(offload),
+                          offload_params=offload == "optimizer+params")
+        return Row(stage, offload, s, acts.checkpointed, acts.full, 0 if gpu else CPU_FRAMEWORK)
+
+    rows = [row(stage) for stage in memory.STAGES]
+    rows += [row(2, "optimizer"), row(3, "optimizer"), row(3, "optimizer+params")]
+    offload = ds.get("zero_optimization", {})
+    configured_offload = ("optimizer+params" if offload.get("offload_param") else
+                          "optimizer" if offload.get("offload_optimizer") else "")
+    stage = ds_config_lib.zero_stage(ds)
+    configured = next((r for r in rows if r.stage == stage and r.offload == configured_offload), row(stage))
+    return Plan(world_size, counts, acts, rows, configured, cfg.model.activation_checkpointing,
+                memory.checkpoint_bytes(counts, p), total_steps(cfg, world_size), gpu)
+
+
+def memory_budget(gpu_mem_gb: float | None, local_ranks: int) -> tuple[float, str]:
+    """(bytes one rank may use for states + activations, where the number comes from)."""
+    if gpu_mem_gb is not None:
+        return gpu_mem_gb * 1e9 - GPU_RESERVE, f"--gpu-mem-gb {gpu_mem_gb:g} minus {GPU_RESERVE / 1e9:g} GB reserve"
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        return total - GPU_RESERVE, f"{torch.cuda.get_device_name(0)}, {total / 1e9:.0f} GB minus reserve"
+    import psutil
+
+    available = psutil.virtual_memory().available / local_ranks - CPU_RUNTIME
+    return available, (f"this host: available memory / {local_ranks} rank(s) minus {CPU_RUNTIME / 1e9:g} GB "
+                       "runtime per rank (use --gpu-mem-gb for a GPU cluster)")
+
+
+def largest_micro_batch(plan: Plan, row: Row, checkpointing: bool, budget: float) -> int:
+    per_sample = (row.act_checkpointed if checkpointing else row.act_full) / plan.activations.micro_batch
+    return max(0, math.floor((budget - row.states.device - row.framework) / per_sample)) if per_sample else 0
+
+
+def _mb(n: float) -> str:
+    return f"{n / MB:,.0f}"
+
+
+def render(cfg: config_lib.Config, plan: Plan, budget: float, budget_source: str) -> str:
+    c, a = plan.counts, plan.activations
+    lines = [
+        f"plan: {cfg.run.name}, world size {plan.world_size}, {cfg.train.precision}, micro-batch "
+        f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, grad accumulation {cfg.train.grad_accum_steps}, "
+        f"{plan.total_steps:,} steps",
+        f"model: {c.total:,} parameters, {c.trainable:,} trained; largest layer {c.largest_layer:,}",
+        f"activations per micro-batch (traced): {_mb(a.checkpointed)} MB with activation checkpointing, "
+        f"{_mb(a.full)} MB without",
+        f"budget per rank: {_mb(budget)} MB ({budget_source})",
+        *([] if plan.gpu else [f"totals include {_mb(CPU_FRAMEWORK)} MB per rank of framework working memory (CPU)"]),
+        "",
+        f"{'per rank, MB':<34}weights    grads  optimizer     host | ckpt: act    total max-mb | no ckpt: act "
+        "   total max-mb",
+    ]
+    for r in plan.rows:
+        mark = "*" if r == plan.configured else " "
+        s = r.states
+        lines.append(
+            f"{mark} {r.name:<32}{_mb(s.weights):>7} {_mb(s.grads):>8} {_mb(s.optimizer):>10} {_mb(s.host):>8} |"
+            f" {_mb(r.act_checkpointed):>9} {_mb(r.total(True)):>8} {largest_micro_batch(plan, r, True, budget):>6} |"
+            f" {_mb(r.act_full):>12} {_mb(r.total(False)):>8} {largest_micro_batch(plan, r, False, budget):>6}")
+    total = plan.configured.total(plan.checkpointing)
+    verdict = "fits" if total <= budget else "DOES NOT FIT"
+    lines += [
+        "",
+        f"configured (*, activation checkpointing {'on' if plan.checkpointing else 'off'}): {_mb(total)} MB per "
+        f"rank: {verdict} in {_mb(budget)} MB",
+        f"checkpoint on disk: {_mb(plan.checkpoint_bytes)} MB per save (all ranks)",
+    ]
+    return "\n".join(lines)
+
+
+def probe_overrides(output_dir: str) -> list[str]:
+    """A short, side-effect-free copy of the run: fixed steps, logged every step, no evaluation, its own run dir."""
+    return [f"train.max_steps={PROBE_STEPS}", "train.epochs=0", "train.log_every=1", "train.eval_every=0",
+            "train.eval_at_epoch_end=false", "train.save_every=0", "train.best_metric=''",
+            "train.early_stopping_patience=0", "data.val_split=''", "data.test_split=''",
+            f"run.output_dir={output_dir}", "run.name=probe", "run.resume=never"]
+
+
+def probe(config: str, overrides: list[str], nproc: int) -> dict:
+    """Train PROBE_STEPS steps of the config through the launcher on this machine; measured figures."""
+    with tempfile.TemporaryDirectory(prefix="reparam-plan-probe-") as tmp:
+        command = [sys.executable, "-m", "launcher", "--config", config, "--nproc", str(nproc), *overrides,
+                   *probe_overrides(tmp)]
+        proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+        run_dir = Path(tmp) / "probe"
+        if proc.returncode != 0 or not (run_dir / "summary.json").is_file():
+            raise RunError(f"probe run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        train = {r["step"]: r for r in records if "train/loss" in r}
+        saves = [r["ckpt/save_seconds"] for r in records if "ckpt/save_seconds" in r]
+        step_s = (train[PROBE_STEPS]["time"] - train[PROBE_WARMUP]["time"]) / (PROBE_STEPS - PROBE_WARMUP)
+        checkpoint_bytes = sum(f.stat().st_size for f in Path(summary["checkpoint"]).rglob("*") if f.is_file())
+        tokens = sum(train[s]["train/tokens_per_s"] for s in range(PROBE_WARMUP + 1, PROBE_STEPS + 1))
+    gpu = summary.get("peak_gpu_mem_gb")
+    return {
+        "ranks": nproc, "step_seconds": step_s, "tokens_per_s": tokens / (PROBE_STEPS - PROBE_WARMUP),
+        "save_seconds": saves[-1] if saves else None, "checkpoint_bytes": checkpoint_bytes,
+        # Device memory on a GPU; on CPU the resident memory above what the rank held before building the model.
+        "peak_bytes": gpu * 1e9 if gpu is not None else (summary["peak_rss_gb"] - summary["rss_before_model_gb"]) * 1e9,
+        "memory_kind": "GPU memory allocated" if gpu is not None else "resident memory above the runtime",
+        "runtime_bytes": None if gpu is not None else summary["rss_before_model_gb"] * 1e9,
+    }
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def render_probe(cfg: config_lib.Config, plan: Plan, measured: dict) -> str:
+    predicted = plan.configured.total(plan.checkpointing)
+    peak = measured["peak_bytes"]
+    saves = plan.total_steps // cfg.train.save_every if cfg.train.save_every else 0
+    wall = plan.total_steps * measured["step_seconds"] + (saves + 1) * (measured["save_seconds"] or 0)
+    lines = [f"probe: {PROBE_STEPS} steps on this machine, {measured['ranks']} rank(s)",
+             f"  {measured['tokens_per_s']:,.0f} tokens/s, {measured['step_seconds']:.3f} s per step "
+             f"(steps {PROBE_WARMUP + 1}-{PROBE_STEPS})",
+             f"  peak memory per rank: {_mb(peak)} MB {measured['memory_kind']}; predicted {_mb(predicted)} MB "
+             f"({(predicted - peak) / peak:+.0%})" + (" for a GPU (this probe ran on CPU)"
+                                                      if plan.gpu and measured["runtime_bytes"] is not None else "")]
+    if measured["runtime_bytes"] is not None:
+        lines.append(f"  runtime before the model was built: {_mb(measured['runtime_bytes'])} MB per rank")
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            lines.append("  (the trainer keeps freed memory in glibc's heap for speed, so RSS exceeds the live peak; "
+                         "MALLOC_MMAP_THRESHOLD_=131072 measures the live peak: docs/observability.md)")
+    lines += [f"  checkpoint: {_mb(measured['checkpoint_bytes'])} MB on disk (predicted "
+              f"{_mb(plan.checkpoint_bytes)} MB), saved in {measured['save_seconds'] or 0:.2f} s",
+              f"  projected wall time of {plan.total_steps:,} steps: {_duration(wall)} ({saves + 1} checkpoint "
+              f"saves included, evaluation not)"]
+    if measured["ranks"] != plan.world_size:
+        lines.append(f"  (per-rank speed measured with {measured['ranks']} rank(s); the projection assumes it holds "
+                     f"at {plan.world_size})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher plan", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--world-size", type=int, help="data-parallel ranks of the planned run (default: the GPUs "
+                        "of this machine, or 1)")
+    parser.add_argument("--gpu-mem-gb", type=float, help="memory of one GPU of the target cluster, GB (plans for "
+                        "GPUs: flash attention, CUDA reserve) ")
+    parser.add_argument("--probe", action="store_true", help=f"also train {PROBE_STEPS} steps here and compare")
+    parser.add_argument("--probe-nproc", type=int, help="ranks of the probe (default: the world size, at most "
+                        "this machine's GPUs when it has any)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for training")
+    args = parser.parse_args(argv)
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size must be >= 1, got {args.world_size}")
+    try:
+        import torch
+
+        world = args.world_size or max(1, torch.cuda.device_count())
+        cfg = config_lib.load(args.config, args.overrides)
+        plan = estimate(cfg, world, gpu=args.gpu_mem_gb is not None or torch.cuda.is_available())
+        local = min(world, os.cpu_count() or 1)
+        budget, source = memory_budget(args.gpu_mem_gb, local)
+        print(render(cfg, plan, budget, source), flush=True)
+        if args.probe:
+            nproc = args.probe_nproc or (min(world, torch.cuda.device_count()) if torch.cuda.is_available() else world)
+            print(render_probe(cfg, plan, probe(args.config, args.overrides, nproc)), flush=True)
+    except (RunError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
