@@ -97,9 +97,13 @@ def estimate(cfg: config_lib.Config, world_size: int, gpu: bool) -> Plan:
 
     rows = [row(stage) for stage in memory.STAGES]
     rows += [row(2, "optimizer"), row(3, "optimizer"), row(3, "optimizer+params")]
-    offload = ds.get("zero_optimization", {})
-    configured_offload = ("optimizer+params" if offload.get("offload_param") else
-                          "optimizer" if offload.get("offload_optimizer") else "")
+    zero_cfg = ds.get("zero_optimization", {})
+
+    def offloaded(key):  # {"device": "cpu" | "nvme" | "none"}
+        return zero_cfg.get(key, {}).get("device", "none") != "none"
+
+    configured_offload = ("optimizer+params" if offloaded("offload_param") else
+                          "optimizer" if offloaded("offload_optimizer") else "")
     stage = ds_config_lib.zero_stage(ds)
     configured = next((r for r in rows if r.stage == stage and r.offload == configured_offload), row(stage))
     return Plan(world_size, counts, acts, rows, configured, cfg.model.activation_checkpointing,
