@@ -14,9 +14,9 @@ N data-parallel ranks, P parameters and T of them trained (what DeepSpeed 0.19 a
 Stage 0 in bf16 is DeepSpeed's FP16_UnfusedOptimizer: fp32 master weights and fp32 copies of the gradients for the
 whole model on every rank. "Step temporaries" is torch AdamW's foreach `sqrt(v)` buffer. A bucket holds
 `reduce_bucket_size` 16-bit gradient elements (two with overlap_comm), at most T: stage 1 all-reduces the gradients
-through a flattened copy of each bucket and keeps its own part, stage 2 reduces them into the buckets. ZeRO-3 keeps parameters below
-`stage3_param_persistence_threshold` elements whole on every rank and gathers the largest layer plus
-`stage3_prefetch_bucket_size` elements during forward and backward. fp32 training has no separate masters:
+through a flattened copy of each bucket and keeps its own part, stage 2 reduces them into the buckets. ZeRO-3 keeps
+parameters below `stage3_param_persistence_threshold` elements whole on every rank and gathers the largest layer
+plus `stage3_prefetch_bucket_size` elements during forward and backward. fp32 training has no separate masters:
 weights 4P and gradients 4T; stage 0 then runs torch AdamW on the module itself (8T moments + 4T temporaries), stages
 1-3 keep the same fp32 partitions as above.
 
@@ -26,8 +26,9 @@ CPU offload (`offload_optimizer`) moves fp32 gradients, masters, Adam state and 
 Activations: the run's model is built under PyTorch's FakeTensorMode (shapes and dtypes, no storage, no compute)
 in the training dtype, and `torch.distributed._tools.mem_tracker.MemTracker` follows one micro-batch through the
 forward pass, the task's loss (`train.tasks.loss`) and the backward pass, with activation checkpointing on and off.
-Its peak of activations and temporaries is what autograd and the kernels keep alive, whatever the architecture or
-attention implementation. It scales linearly with the micro-batch.
+Its peak of activations and temporaries is what autograd and the kernels keep alive, whatever the architecture;
+attention is traced with the kernel the run will use (`_attention_kernels`). It scales linearly with the
+micro-batch.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def _batch(cfg: Config) -> tuple[dict, torch.Tensor]:
     b, s = cfg.train.micro_batch_size, cfg.data.seq_len
     ids = torch.zeros(b, s, dtype=torch.long)
     if cfg.task.kind == "classification":
-        return {"input_ids": ids, "attention_mask": torch.ones(b, s, dtype=torch.long)}, torch.zeros(b, dtype=torch.long)
+        mask = torch.ones(b, s, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask}, torch.zeros(b, dtype=torch.long)
     return {"input_ids": ids}, ids
 
 
