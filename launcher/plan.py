@@ -69,22 +69,15 @@ class Plan:
     gpu: bool  # planned for GPUs (flash attention) rather than CPUs like this machine
 
 
-def total_steps(cfg: config_lib.Config, world_size: int) -> int:
-    if not cfg.train.epochs:
-        return cfg.train.max_steps
-    from train.data import open_split, split_items
-
-    manifest, shards = open_split(cfg, cfg.data.train_split)
-    items = split_items(cfg, shards, manifest)
-    return cfg.train.epochs * (len(items) // (cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size))
-
-
 def estimate(cfg: config_lib.Config, world_size: int, gpu: bool) -> Plan:
     """The plan of a run at `world_size` ranks on GPUs (`gpu`) or on CPUs like this machine's."""
-    from train.data import open_split
+    from train.data import open_split, run_steps, split_items
 
-    manifest, _ = open_split(cfg, cfg.data.train_split)
+    manifest, shards = open_split(cfg, cfg.data.train_split)
     ds = ds_config_lib.build(cfg, world_size)
+    # Only train.epochs needs the items counted (as the Trainer does); the global batch is DeepSpeed's.
+    num_items = len(split_items(cfg, shards, manifest)) if cfg.train.epochs else 0
+    total_steps = run_steps(cfg, num_items, ds["train_batch_size"])[1]
     zero = memory.zero_settings(ds)
     counts = memory.count(cfg, manifest, zero["persistence"])
     acts = memory.trace_activations(cfg, manifest, gpu)
@@ -107,7 +100,7 @@ def estimate(cfg: config_lib.Config, world_size: int, gpu: bool) -> Plan:
     stage = ds_config_lib.zero_stage(ds)
     configured = next((r for r in rows if r.stage == stage and r.offload == configured_offload), row(stage))
     return Plan(world_size, counts, acts, rows, configured, cfg.model.activation_checkpointing,
-                memory.checkpoint_bytes(counts, p), total_steps(cfg, world_size), gpu)
+                memory.checkpoint_bytes(counts, p), total_steps, gpu)
 
 
 def memory_budget(gpu_mem_gb: float | None, local_ranks: int) -> tuple[float, str]:

@@ -201,6 +201,13 @@ def split_items(cfg, shards, manifest: dict):
     return BlendedItems([items_of(one) for one in sets], sampler)
 
 
+def run_steps(cfg, num_items: int, global_batch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps of the run): train.epochs passes over the `num_items` training
+    items at `global_batch` items per step, else train.max_steps. Derived here only (Trainer, launcher.plan)."""
+    per_epoch = num_items // global_batch
+    return per_epoch, (cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.max_steps)
+
+
 class GlobalBatchSampler:
     """Which windows every rank reads at every micro-step.
 

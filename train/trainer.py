@@ -33,7 +33,7 @@ from train import faults, preemption, resume, tasks
 from train.best import BestTracker
 from train.checkpoint import Checkpointer, write_atomic
 from train.config import RECORD_KIND_OF_TASK, Config
-from train.data import IGNORE, BlendedItems, GlobalBatchSampler, eval_batches, open_split, split_items
+from train.data import IGNORE, BlendedItems, GlobalBatchSampler, eval_batches, open_split, run_steps, split_items
 from train.distributed import init_distributed
 from train.errors import ConfigError, RunError
 from train.flops import model_flops, peak_flops
@@ -96,9 +96,8 @@ class Trainer:
                           for s, w, r in zip(sampler.sets, sampler.weights, self.train_items.realised())]
         self.sampler = GlobalBatchSampler(len(self.train_items), cfg.train.micro_batch_size,
                                           cfg.train.grad_accum_steps, self.world_size, self.rank, cfg.run.seed)
-        self.steps_per_epoch = len(self.train_items) // self.sampler.global_batch
         # Derived once, here: everything else (schedule, loop, logs) reads self.max_steps.
-        self.max_steps = cfg.train.epochs * self.steps_per_epoch if cfg.train.epochs else cfg.train.max_steps
+        self.steps_per_epoch, self.max_steps = run_steps(cfg, len(self.train_items), self.sampler.global_batch)
         self.tokenizer_fingerprint = manifest["tokenizer"]["fingerprint"]
 
         ds_config = ds_config_lib.build(cfg, self.world_size)
@@ -200,7 +199,6 @@ class Trainer:
     def _mfu(self, tokens_per_s: float) -> float:
         """Model FLOPs utilisation of the ranks, from tokens/s over all of them."""
         return tokens_per_s / self.world_size * self.flops.flops_per_token / self.peak_flops
-
 
     def _split_items(self, split: str, manifest: dict):
         return split_items(self.cfg, open_split(self.cfg, split)[1], manifest) if split else None
