@@ -94,6 +94,9 @@ def _fake_model(cfg: Config, manifest: dict, checkpointing: bool):
     model_cfg = dataclasses.replace(cfg.model, activation_checkpointing=checkpointing)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # a pretrained model's real weights load as fake ones
+    # FakeTensorMode's dispatch cache is one dict for every mode of the process; reusing entries of an earlier
+    # plan's mode crashed the interpreter once (a segfault in _output_from_cache_entry, in the test suite's process).
+    mode.cache_enabled = False
     with _default_dtype(precision_dtype(cfg.train.precision)):
         with mode:
             model = build_model(cfg, manifest, base_only=True)
