@@ -4,17 +4,20 @@ config, model, data and hyper-parameters.
     python bench/train_throughput.py [--steps 20] [--warmup 3] [--stages 2] [--ranks 2]
 
 For each ZeRO stage it
-  1. writes random-token shards once (numpy, fixed seed, vocabulary 8192) with `data_prep.shards.ShardWriter`;
-  2. runs `deepspeed --num_gpus R train/main.py --config configs/quickstart.yaml <overrides>` with log_every=1 and
-     reads the per-step timestamps from `metrics.jsonl`;
+  1. writes random-token shards once (numpy, fixed seed, the vocabulary of --model) with `data_prep.shards.ShardWriter`;
+  2. runs `deepspeed --num_gpus R train/main.py --config configs/quickstart.yaml <overrides>` (DeepSpeed's launcher
+     as `python -m deepspeed.launcher.runner`) with log_every=1 and reads the per-step timestamps and losses from
+     `metrics.jsonl`;
   3. builds the DeepSpeed config that run used (`train.config.load` + `train.ds_config.build`) and the model's
      transformers config (`train.model.build_hf_config`), writes both to files and runs
-     `deepspeed --num_gpus R bench/hf_trainer_baseline.py` on them, which records a `perf_counter()` per step;
+     `deepspeed --num_gpus R bench/hf_trainer_baseline.py` on them, which records a `perf_counter()` and the loss
+     per step;
   4. tokens/s = tokens of the steps after `--warmup` / wall time from the end of step `warmup` to the end of the
      last step (the same definition for both; the final checkpoint our trainer writes is outside that window).
 
 Both runs get the same OMP_NUM_THREADS (cores // ranks unless --threads is given). Prints the commands it ran, a
-table (stage, ours, HF, ratio) and each run's first and last loss. Run directories live under --workdir.
+table (stage, ours, HF, ratio, MFU) and each run's first and last loss, and the per-step loss gap between ours and HF
+(with --seed-spread, also between two of our own runs with different seeds). Run directories live under --workdir.
 """
 
 from __future__ import annotations
@@ -35,9 +38,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BASE_CONFIG = "configs/quickstart.yaml"
-VOCAB = 8192
+# The models the bench can train, each from a transformers config, with the vocabulary of its random token ids.
+# gpt2-14m is the CPU reference of issue 5; llama-1b is what bench/gpu_check.sh trains on a GPU; llama-tiny runs the
+# same code path as llama-1b in seconds (a smoke test of the Llama path on CPU).
+MODELS = {
+    "gpt2-14m": {"model_type": "gpt2", "vocab": 8192, "describe": "GPT-2 6x384 (6 heads)",
+                 "hf_config": "{{n_layer: 6, n_embd: 384, n_head: 6, n_positions: {positions}}}"},
+    "llama-1b": {"model_type": "llama", "vocab": 32000, "describe": "Llama 18x2048 (16 heads, MLP 5632)",
+                 "hf_config": "{{hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 18, "
+                              "num_attention_heads: 16, num_key_value_heads: 16, "
+                              "max_position_embeddings: {positions}}}"},
+    "llama-tiny": {"model_type": "llama", "vocab": 512, "describe": "Llama 2x128 (4 heads, MLP 344)",
+                   "hf_config": "{{hidden_size: 128, intermediate_size: 344, num_hidden_layers: 2, "
+                                "num_attention_heads: 4, num_key_value_heads: 4, "
+                                "max_position_embeddings: {positions}}}"},
+}
 EOS = 0
 DATA_SEED = 0
+# DeepSpeed's launcher (what the `deepspeed` command runs) from this interpreter: also where DeepSpeed was installed
+# with `pip --target` and has no command on the PATH (bench/gpu_check.sh on a lent GPU machine).
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def free_port() -> int:
@@ -46,15 +66,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_random_shards(out_dir: Path, num_tokens: int, seed: int = DATA_SEED) -> Path:
-    """A shard directory of `num_tokens` uniformly random token ids in [1, VOCAB), cut into documents of random
+def make_random_shards(out_dir: Path, num_tokens: int, vocab: int, seed: int = DATA_SEED) -> Path:
+    """A shard directory of `num_tokens` uniformly random token ids in [1, vocab), cut into documents of random
     length each ending in EOS, written with data_prep's own writer and manifest. Reused if already there."""
     from data_prep.manifest import build_manifest, load_manifest, write_manifest
     from data_prep.shards import ShardWriter, dtype_for_vocab
 
     if (out_dir / "manifest.json").is_file():
         manifest = load_manifest(out_dir)
-        if (manifest.get("counts", {}).get("bench_seed") == seed
+        if (manifest.get("counts", {}).get("bench_seed") == seed and manifest["tokenizer"]["vocab_size"] == vocab
                 and manifest["splits"]["train"]["num_tokens"] >= num_tokens):
             return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -62,20 +82,20 @@ def make_random_shards(out_dir: Path, num_tokens: int, seed: int = DATA_SEED) ->
     # No real tokenizer made these ids; a directory describing that stands in for it (the manifest fingerprints it).
     tokenizer_dir = out_dir / "tokenizer"
     tokenizer_dir.mkdir()
-    (tokenizer_dir / "README.txt").write_text(f"No tokenizer: uniformly random ids in [1, {VOCAB}), eos {EOS}, "
+    (tokenizer_dir / "README.txt").write_text(f"No tokenizer: uniformly random ids in [1, {vocab}), eos {EOS}, "
                                               f"numpy seed {seed}; written by bench/train_throughput.py\n")
     rng = np.random.default_rng(seed)
     lengths = []
     while sum(lengths) < num_tokens:
         lengths.append(int(rng.integers(256, 4096)))
     lengths = np.array(lengths, dtype=np.int64)
-    tokens = rng.integers(1, VOCAB, size=int(lengths.sum()), dtype=np.uint16)
+    tokens = rng.integers(1, vocab, size=int(lengths.sum()), dtype=np.uint16)
     tokens[np.cumsum(lengths) - 1] = EOS
-    dtype = dtype_for_vocab(VOCAB)
+    dtype = dtype_for_vocab(vocab)
     writer = ShardWriter(out_dir, "train", dtype, shard_tokens=1 << 22)
     writer.add(tokens, lengths)
     entries = writer.close()
-    manifest = build_manifest(tokenizer_dir=tokenizer_dir, vocab_size=VOCAB,
+    manifest = build_manifest(tokenizer_dir=tokenizer_dir, vocab_size=vocab,
                               special_ids={"eos_id": EOS, "bos_id": EOS, "pad_id": None}, backend="random",
                               dtype=dtype.name, splits={"train": entries}, inputs=[], val_fraction=0.0,
                               counts={"bench_seed": seed, "documents": len(lengths)})
@@ -115,11 +135,12 @@ def shell_join(cmd: list[str], env_prefix: str) -> str:
     return env_prefix + " ".join(shlex.quote(str(c)) for c in cmd)
 
 
-def ours_overrides(args, stage: int, data_dir: Path, run_root: Path, accum: int, name: str) -> list[str]:
+def ours_overrides(args, stage: int, data_dir: Path, run_root: Path, accum: int, name: str,
+                   seed: int = 1234) -> list[str]:
     """The run-config overrides of our trainer's run (the HF baseline derives its inputs from the same config)."""
     return [
-        "model.model_type=gpt2",
-        f"model.hf_config={{n_layer: 6, n_embd: 384, n_head: 6, n_positions: {max(512, args.seq_len)}}}",
+        f"model.model_type={MODELS[args.model]['model_type']}",
+        f"model.hf_config={MODELS[args.model]['hf_config'].format(positions=max(512, args.seq_len))}",
         f"model.activation_checkpointing={str(args.activation_checkpointing).lower()}",
         f"data.path={data_dir}", f"data.seq_len={args.seq_len}", 'data.val_split=""',
         "optim.lr=3.0e-4", "optim.min_lr=3.0e-4", "optim.warmup_steps=0",  # constant lr, like HF "constant"
@@ -128,7 +149,7 @@ def ours_overrides(args, stage: int, data_dir: Path, run_root: Path, accum: int,
         f"train.grad_accum_steps={accum}", "train.precision=bf16",
         f"train.deepspeed_config=ds_configs/zero{stage}.json",
         "train.log_every=1", "train.eval_every=0", "train.save_every=0",
-        f"run.output_dir={run_root}", f"run.name={name}", "run.resume=never", "run.seed=1234",
+        f"run.output_dir={run_root}", f"run.name={name}", "run.resume=never", f"run.seed={seed}",
     ]
 
 
@@ -137,7 +158,7 @@ def run_ours(args, overrides: list[str], run_dir: Path, ranks: int, threads: int
     """Train with train/main.py; tokens/s, first/last loss and rank 0's data-loader wait share from metrics.jsonl."""
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+    cmd = [*DEEPSPEED, "--num_gpus", str(ranks), "--master_port",
            str(free_port()), "train/main.py", "--config", BASE_CONFIG, *overrides]
     print(f"\n[{label}] ours: {shell_join(cmd, f'OMP_NUM_THREADS={threads} ')}", flush=True)
     wall = run_logged(cmd, env, log_path, args.timeout)
@@ -148,11 +169,19 @@ def run_ours(args, overrides: list[str], run_dir: Path, ranks: int, threads: int
     result = {"tokens_per_s": throughput(times, args.steps, args.warmup, tokens_per_step),
               "median_tokens_per_s": median_step_throughput(times, args.steps, args.warmup, tokens_per_step),
               "loss": (train[1]["train/loss"], train[args.steps]["train/loss"]),
+              "losses": {s: r["train/loss"] for s, r in sorted(train.items())},
               "data_wait_share": sum(r["data/wait_share"] for r in timed) / len(timed)}
     print(f"[{label}] ours: {result['tokens_per_s']:,.0f} tokens/s, loss {result['loss'][0]:.4f} -> "
           f"{result['loss'][1]:.4f}, data-loader wait {result['data_wait_share']:.2%} of the step (process wall "
           f"{wall:.0f}s, log {log_path})", flush=True)
     return result
+
+
+def loss_gap(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
+    """(max |a - b|, mean a - b, steps compared) over the steps both runs logged."""
+    steps = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in steps]
+    return max(abs(d) for d in diffs), sum(diffs) / len(diffs), len(steps)
 
 
 def matmul_peak(threads: int, precision: str) -> tuple[float, str]:
@@ -174,7 +203,10 @@ def flops_per_token(cfg, manifest: dict) -> int:
     from train.flops import model_flops
     from train.model import build_hf_config
 
-    model = AutoModelForCausalLM.from_config(build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len))
+    import torch
+
+    with torch.device("meta"):  # shapes only: a 1B model is counted without allocating or initialising it
+        model = AutoModelForCausalLM.from_config(build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len))
     return model_flops(model, cfg.data.seq_len).flops_per_token
 
 
@@ -185,10 +217,13 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=int, nargs="+", default=[2], choices=[0, 1, 2, 3],
                    help="ZeRO stages to run, each with ds_configs/zero<N>.json (default 2)")
     p.add_argument("--ranks", type=int, default=2, help="ranks (deepspeed --num_gpus) per run (default 2)")
+    p.add_argument("--model", choices=sorted(MODELS), default="gpt2-14m",
+                   help="the model trained, from a transformers config (default gpt2-14m, issue 5's reference)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step (default 8)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
-                   help="turn activation checkpointing off for both trainers (default on)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing for both trainers (default off, the HF Trainer's default and the "
+                        "setting issue 5's reference figures were measured in; MFU does not count the recompute)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for every rank of both runs (default: CPU cores // ranks)")
     p.add_argument("--only", choices=("ours", "hf"), default=None, help="run only one of the two trainers")
@@ -198,6 +233,10 @@ def main(argv=None) -> int:
     p.add_argument("--scaling", action="store_true",
                    help="also run ours on 1 rank with ranks x threads threads and grad_accum_steps = ranks (same "
                         "global batch and micro-batch) at the first stage, for the ranks-vs-threads figure")
+    p.add_argument("--seed-spread", action="store_true",
+                   help="also run ours with another run.seed (other dropout masks and window order) at the first "
+                        "stage: the per-step loss gap between two of our own runs, against which the ours-vs-HF "
+                        "gap is read")
     args = p.parse_args(argv)
     if not 0 <= args.warmup < args.steps:
         p.error("--warmup must be >= 0 and < --steps")
@@ -208,16 +247,16 @@ def main(argv=None) -> int:
 
     workdir = (ROOT / args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    deepspeed_bin = str(Path(sys.executable).parent / "deepspeed")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env_prefix = f"OMP_NUM_THREADS={threads} "
     tokens_per_step = args.micro_batch * args.ranks * args.seq_len
     # Enough windows that no window repeats within a run (plus slack for documents being cut at window ends).
-    data_dir = make_random_shards(workdir / "data", int(args.steps * tokens_per_step * 1.1) + 64 * args.seq_len)
+    vocab = MODELS[args.model]["vocab"]
+    data_dir = make_random_shards(workdir / "data", int(args.steps * tokens_per_step * 1.1) + 64 * args.seq_len, vocab)
 
     print(f"bench: {args.ranks} ranks, OMP_NUM_THREADS={threads} ({os.cpu_count()} CPU cores), "
-          f"GPT-2 6x384 (6 heads), vocab {VOCAB}, seq {args.seq_len}, micro-batch {args.micro_batch}/rank, "
+          f"{MODELS[args.model]['describe']}, vocab {vocab}, seq {args.seq_len}, micro-batch {args.micro_batch}/rank, "
           f"{tokens_per_step} tokens/step, {args.steps} steps ({args.warmup} warmup), activation checkpointing "
           f"{'on' if args.activation_checkpointing else 'off'}, data {data_dir}", flush=True)
 
@@ -244,13 +283,13 @@ def main(argv=None) -> int:
             ours = run_ours(args, overrides, cfg.run_dir, args.ranks, threads, stage_dir / "ours.log",
                             tokens_per_step, f"zero{stage}")
             row.update(ours=ours["tokens_per_s"], ours_median=ours["median_tokens_per_s"], ours_loss=ours["loss"],
-                       ours_wait=ours["data_wait_share"])
+                       ours_losses=ours["losses"], ours_wait=ours["data_wait_share"])
 
         if args.only in (None, "hf"):
             out = stage_dir / "hf_times.json"
             out.unlink(missing_ok=True)
             o = cfg.optim
-            cmd = [deepspeed_bin, "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
+            cmd = [*DEEPSPEED, "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
                    "bench/hf_trainer_baseline.py", "--ds-config", str(ds_path), "--model-config", str(model_dir),
                    "--data", str(data_dir), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
                    "--grad-accum", "1", "--steps", str(args.steps), "--lr", repr(o.lr),
@@ -279,6 +318,7 @@ def main(argv=None) -> int:
             row["hf"] = throughput(times, args.steps, args.warmup, tokens_per_step)
             row["hf_median"] = median_step_throughput(times, args.steps, args.warmup, tokens_per_step)
             row["hf_loss"] = (hf["loss"]["1"], hf["loss"][str(args.steps)])
+            row["hf_losses"] = {int(k): v for k, v in hf["loss"].items()}
             print(f"[zero{stage}] hf:   {row['hf']:,.0f} tokens/s, loss {row['hf_loss'][0]:.4f} -> "
                   f"{row['hf_loss'][1]:.4f} ({hf['engine_class']} ZeRO-{hf['engine_zero_stage']}, "
                   f"bf16 {hf['engine_bf16']}, "
@@ -295,6 +335,16 @@ def main(argv=None) -> int:
                             threads * args.ranks, workdir / f"zero{stage}" / f"{name}.log", tokens_per_step,
                             f"zero{stage} scaling")
         scaling = {"stage": stage, "one_rank": one_rank["tokens_per_s"], "ranks": results[0].get("ours")}
+
+    spread = None
+    if args.seed_spread and args.only in (None, "ours"):
+        stage, name = args.stages[0], "ours_seed2"
+        overrides = ours_overrides(args, stage, data_dir, workdir / f"zero{stage}", 1, name, seed=1235)
+        other = run_ours(args, overrides, config_lib.load(ROOT / BASE_CONFIG, overrides).run_dir, args.ranks,
+                         threads, workdir / f"zero{stage}" / f"{name}.log", tokens_per_step,
+                         f"zero{stage} seed spread")
+        spread = {"stage": stage, "losses": other["losses"], "gap": loss_gap(other["losses"],
+                                                                              results[0]["ours_losses"])}
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
@@ -326,6 +376,15 @@ def main(argv=None) -> int:
         print(f"ZeRO-{row['stage']} median step (robust to other work on a shared machine): ours "
               f"{fmt(ours, ',.0f')}, HF {fmt(hf, ',.0f')} tokens/s, ours/HF "
               f"{fmt(ours / hf if ours and hf else None, '.3f')}")
+    for row in results:
+        if row.get("ours_losses") and row.get("hf_losses"):
+            row["loss_gap"] = loss_gap(row["ours_losses"], row["hf_losses"])
+            print(f"ZeRO-{row['stage']} loss, ours - HF per step over {row['loss_gap'][2]} steps: max |diff| "
+                  f"{row['loss_gap'][0]:.4f}, mean diff {row['loss_gap'][1]:+.4f}")
+    if spread:
+        print(f"ZeRO-{spread['stage']} loss, ours (run.seed 1235) - ours (1234) per step over {spread['gap'][2]} "
+              f"steps: max |diff| {spread['gap'][0]:.4f}, mean diff {spread['gap'][1]:+.4f} (the spread between two "
+              "of our own runs)")
     if scaling:
         ratio = scaling["ranks"] / scaling["one_rank"] if scaling["ranks"] else None
         print(f"\nScaling (ours, ZeRO-{scaling['stage']}, global batch {tokens_per_step} tokens): 1 rank x "
@@ -336,7 +395,8 @@ def main(argv=None) -> int:
     (workdir / "results.json").write_text(json.dumps({"args": vars(args), "threads": threads,
                                                       "tokens_per_step": tokens_per_step, "peak_flops": peak,
                                                       "peak_source": peak_source, "flops_per_token": fpt,
-                                                      "results": results, "scaling": scaling},
+                                                      "results": results, "scaling": scaling,
+                                                      "seed_spread": spread},
                                                      indent=2))
     print(f"\n(written to {workdir / 'results.json'})")
     return 0
