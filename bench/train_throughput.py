@@ -55,6 +55,7 @@ MODELS = {
 }
 EOS = 0
 DATA_SEED = 0
+RUN_SEED = 1234  # run.seed of our runs and --seed of the baseline; --seed-spread's second run takes RUN_SEED + 1
 # DeepSpeed's launcher (what the `deepspeed` command runs) from this interpreter: also where DeepSpeed was installed
 # with `pip --target` and has no command on the PATH (bench/gpu_check.sh on a lent GPU machine).
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -136,7 +137,7 @@ def shell_join(cmd: list[str], env_prefix: str) -> str:
 
 
 def ours_overrides(args, stage: int, data_dir: Path, run_root: Path, accum: int, name: str,
-                   seed: int = 1234) -> list[str]:
+                   seed: int = RUN_SEED) -> list[str]:
     """The run-config overrides of our trainer's run (the HF baseline derives its inputs from the same config)."""
     return [
         f"model.model_type={MODELS[args.model]['model_type']}",
@@ -198,12 +199,11 @@ def matmul_peak(threads: int, precision: str) -> tuple[float, str]:
 
 def flops_per_token(cfg, manifest: dict) -> int:
     """Model FLOPs per trained token (train.flops, PaLM's formula; recomputation not counted)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from train.flops import model_flops
     from train.model import build_hf_config
-
-    import torch
 
     with torch.device("meta"):  # shapes only: a 1B model is counted without allocating or initialising it
         model = AutoModelForCausalLM.from_config(build_hf_config(cfg.model, manifest["tokenizer"], cfg.data.seq_len))
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     spread = None
     if args.seed_spread and args.only in (None, "ours"):
         stage, name = args.stages[0], "ours_seed2"
-        overrides = ours_overrides(args, stage, data_dir, workdir / f"zero{stage}", 1, name, seed=1235)
+        overrides = ours_overrides(args, stage, data_dir, workdir / f"zero{stage}", 1, name, seed=RUN_SEED + 1)
         other = run_ours(args, overrides, config_lib.load(ROOT / BASE_CONFIG, overrides).run_dir, args.ranks,
                          threads, workdir / f"zero{stage}" / f"{name}.log", tokens_per_step,
                          f"zero{stage} seed spread")
@@ -382,7 +382,8 @@ def main(argv=None) -> int:
             print(f"ZeRO-{row['stage']} loss, ours - HF per step over {row['loss_gap'][2]} steps: max |diff| "
                   f"{row['loss_gap'][0]:.4f}, mean diff {row['loss_gap'][1]:+.4f}")
     if spread:
-        print(f"ZeRO-{spread['stage']} loss, ours (run.seed 1235) - ours (1234) per step over {spread['gap'][2]} "
+        print(f"ZeRO-{spread['stage']} loss, ours (run.seed {RUN_SEED + 1}) - ours ({RUN_SEED}) per step over "
+              f"{spread['gap'][2]} "
               f"steps: max |diff| {spread['gap'][0]:.4f}, mean diff {spread['gap'][1]:+.4f} (the spread between two "
               "of our own runs)")
     if scaling:
