@@ -114,9 +114,18 @@ def _auto_class(kind: str):
     return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
 
 
-def build_model(cfg: Config, manifest: dict, base_only: bool = False) -> torch.nn.Module:
+def _load_pretrained(kind: str, path: Path, hf_config) -> torch.nn.Module:
+    try:  # safetensors only: a model directory is never unpickled (a .bin file can run code when loaded)
+        return _auto_class(kind).from_pretrained(path, config=hf_config, dtype=torch.float32, use_safetensors=True)
+    except OSError as exc:
+        raise ConfigError(f"model.path: cannot load {path} ({exc}); convert pickled weights to safetensors "
+                          "with save_pretrained in a trusted environment") from None
+
+
+def build_model(cfg: Config, manifest: dict, base_only: bool = False, load_weights: bool = True) -> torch.nn.Module:
     """The model with its task head, fine-tuning method applied (unless `base_only`) and activation checkpointing
-    set."""
+    set. `load_weights=False` builds a pretrained model from its config alone, in the default dtype, without reading
+    its weights: the same modules and shapes, for `launcher.memory` to size under fake tensors."""
     from transformers import AutoConfig
 
     tokenizer_info = manifest["tokenizer"]
@@ -131,12 +140,10 @@ def build_model(cfg: Config, manifest: dict, base_only: bool = False) -> torch.n
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.path: {path} is not a HF model directory ({exc})") from None
         _task_config(hf_config, cfg, manifest)
-        try:  # safetensors only: a model directory is never unpickled (a .bin file can run code when loaded)
-            model = _auto_class(cfg.task.kind).from_pretrained(path, config=hf_config, dtype=torch.float32,
-                                                               use_safetensors=True)
-        except OSError as exc:
-            raise ConfigError(f"model.path: cannot load {path} ({exc}); convert pickled weights to safetensors "
-                              "with save_pretrained in a trusted environment") from None
+        if not load_weights:
+            model = _auto_class(cfg.task.kind).from_config(hf_config)
+        else:
+            model = _load_pretrained(cfg.task.kind, path, hf_config)
         rows = model.get_input_embeddings().weight
         rows = getattr(rows, "ds_shape", rows.shape)[0]
         if rows < tokenizer_info["vocab_size"]:
