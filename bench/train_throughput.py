@@ -327,24 +327,21 @@ def main(argv=None) -> int:
                   f"process wall {wall:.0f}s, log {stage_dir / 'hf.log'})", flush=True)
         results.append(row)
 
-    scaling = None
-    if args.scaling and args.only in (None, "ours"):
-        stage, name = args.stages[0], "ours_1rank"
-        overrides = ours_overrides(args, stage, data_dir, workdir / f"zero{stage}", args.ranks, name)
-        one_rank = run_ours(args, overrides, config_lib.load(ROOT / BASE_CONFIG, overrides).run_dir, 1,
-                            threads * args.ranks, workdir / f"zero{stage}" / f"{name}.log", tokens_per_step,
-                            f"zero{stage} scaling")
-        scaling = {"stage": stage, "one_rank": one_rank["tokens_per_s"], "ranks": results[0].get("ours")}
+    def extra_ours_run(name: str, label: str, ranks: int, threads: int, accum: int, seed: int = RUN_SEED) -> dict:
+        """One more run of ours at the first stage, beside its main run (for --scaling and --seed-spread)."""
+        stage_dir = workdir / f"zero{args.stages[0]}"
+        overrides = ours_overrides(args, args.stages[0], data_dir, stage_dir, accum, name, seed=seed)
+        return run_ours(args, overrides, config_lib.load(ROOT / BASE_CONFIG, overrides).run_dir, ranks, threads,
+                        stage_dir / f"{name}.log", tokens_per_step, f"zero{args.stages[0]} {label}")
 
-    spread = None
+    scaling = spread = None
+    if args.scaling and args.only in (None, "ours"):
+        one_rank = extra_ours_run("ours_1rank", "scaling", 1, threads * args.ranks, accum=args.ranks)
+        scaling = {"stage": args.stages[0], "one_rank": one_rank["tokens_per_s"], "ranks": results[0].get("ours")}
     if args.seed_spread and args.only in (None, "ours"):
-        stage, name = args.stages[0], "ours_seed2"
-        overrides = ours_overrides(args, stage, data_dir, workdir / f"zero{stage}", 1, name, seed=RUN_SEED + 1)
-        other = run_ours(args, overrides, config_lib.load(ROOT / BASE_CONFIG, overrides).run_dir, args.ranks,
-                         threads, workdir / f"zero{stage}" / f"{name}.log", tokens_per_step,
-                         f"zero{stage} seed spread")
-        spread = {"stage": stage, "losses": other["losses"], "gap": loss_gap(other["losses"],
-                                                                              results[0]["ours_losses"])}
+        other = extra_ours_run("ours_seed2", "seed spread", args.ranks, threads, accum=1, seed=RUN_SEED + 1)
+        spread = {"stage": args.stages[0], "losses": other["losses"],
+                  "gap": loss_gap(other["losses"], results[0]["ours_losses"])}
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)

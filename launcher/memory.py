@@ -94,8 +94,9 @@ def _fake_model(cfg: Config, manifest: dict, checkpointing: bool):
     model_cfg = dataclasses.replace(cfg.model, activation_checkpointing=checkpointing)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # PEFT's adapters are real (below)
-    # FakeTensorMode's dispatch cache is one dict for every mode of the process; reusing entries of an earlier
-    # plan's mode crashed the interpreter once (a segfault in _output_from_cache_entry, in the test suite's process).
+    # FakeTensorMode's dispatch cache is one dict for every mode of the process. It was turned off after a segfault
+    # in its lookup; the same test later crashed in safetensors' safe_open while pretrained weights loaded under fake
+    # tensors, the likelier cause of both (no longer done, below). Kept off until the suite has run long without it.
     mode.cache_enabled = False
     with _default_dtype(precision_dtype(cfg.train.precision)):
         with mode:
