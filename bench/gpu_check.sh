@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU check: one prepared script for a lent GPU machine (the `device` tool, docs in bench/README.md).
+# The GPU check: one prepared script for a machine with a GPU (docs in bench/README.md).
 #
 #   bash bench/gpu_check.sh --fetch-wheels   here (pip and a package index): DeepSpeed built as a wheel and the
 #                                            packages the GPU machine's image lacks or has in another version,
@@ -7,13 +7,15 @@
 #   bash bench/gpu_check.sh                  there, from the repository root, with .whl carried: installs the
 #                                            wheels into /tmp/site, then
 #                                            1. trains a ~1B-parameter Llama from config (18 x 2048, vocab 32000)
-#                                               for 30 steps, ZeRO-2, bf16, activation checkpointing, seq 2048,
-#                                               micro-batch 8: tokens/s and MFU against the data-sheet peak;
+#                                               for 30 steps, ZeRO-2, precision auto (bf16 on a GPU with bf16),
+#                                               activation checkpointing, seq 2048, micro-batch 8: tokens/s and MFU
+#                                               against the data-sheet peak;
 #                                            2. the 14M-parameter CPU bench model, ours against the HF Trainer
-#                                               (ZeRO-2, 30 steps), as bench/train_throughput.py prints it.
-#   bash bench/gpu_check.sh --smoke          the same two runs on llama-tiny and a few steps, on any machine
-#                                            (CPU too), with the packages already installed (no .whl): checks this
-#                                            script and the Llama path, not speed.
+#                                               (ZeRO-2, 30 steps, auto), as bench/train_throughput.py prints it;
+#                                            3. the 14M model in fp16 with DeepSpeed's dynamic loss scaling (ours).
+#   bash bench/gpu_check.sh --smoke          the same runs on llama-tiny and a few steps, on any machine (CPU
+#                                            too; the fp16 run only where CUDA is), with the packages already
+#                                            installed (no .whl): checks this script and the Llama path, not speed.
 #
 # Figures and logs go to $OUT (the device tool brings that folder back), else runs/gpu_check/; run directories and
 # data to $GPU_CHECK_WORK (default runs/gpu_check/). $PYTHON is the interpreter (default python3).
@@ -85,8 +87,13 @@ check() {  # check NAME SECONDS ARGS...: one bench run, its output to $OUT_DIR/g
     fi
 }
 # --only ours: this one is our trainer on a 1B model, not a comparison.
-check llama 330 "${big[@]}" --ranks 1 --stages 2 --activation-checkpointing --only ours
-check gpt2 220 "${small[@]}" --ranks 1 --stages 2
+check llama 300 "${big[@]}" --ranks 1 --stages 2 --activation-checkpointing --only ours
+check gpt2 160 "${small[@]}" --ranks 1 --stages 2
+if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    check gpt2_fp16 100 "${small[@]}" --ranks 1 --stages 2 --precision fp16 --only ours
+else
+    echo "gpu_check: gpt2_fp16 skipped: no CUDA (DeepSpeed's CPU accelerator has no fp16)" | tee "$OUT_DIR/gpu_check_gpt2_fp16.txt"
+fi
 if (( ${#failed[@]} )); then
     echo "gpu_check: FAILED: ${failed[*]} (logs in $OUT_DIR and $WORK)"
     exit 1

@@ -195,6 +195,7 @@ def main(argv=None) -> int:
             "engine_class": type(engine).__name__,
             "engine_zero_stage": engine.zero_optimization_stage() if is_engine else None,
             "engine_bf16": engine.bfloat16_enabled() if is_engine else None,
+            "engine_fp16": engine.fp16_enabled() if is_engine else None,
             "engine_train_batch_size": engine.train_batch_size() if is_engine else None,
             "engine_gradient_clipping": engine.gradient_clipping() if is_engine else None,
             "engine_optimizer": type(engine.optimizer).__name__ if is_engine else None,

@@ -1,7 +1,7 @@
 """Training throughput of our trainer (`train/main.py`) against the Hugging Face `Trainer` on the same DeepSpeed
 config, model, data and hyper-parameters.
 
-    python bench/train_throughput.py [--steps 20] [--warmup 3] [--stages 2] [--ranks 2]
+    python bench/train_throughput.py [--steps 20] [--warmup 3] [--stages 2] [--ranks 2] [--precision auto]
 
 For each ZeRO stage it
   1. writes random-token shards once (numpy, fixed seed, the vocabulary of --model) with `data_prep.shards.ShardWriter`;
@@ -14,6 +14,10 @@ For each ZeRO stage it
      per step;
   4. tokens/s = tokens of the steps after `--warmup` / wall time from the end of step `warmup` to the end of the
      last step (the same definition for both; the final checkpoint our trainer writes is outside that window).
+
+--precision auto (the default) is resolved once here, as `train.precision: auto` would be on this machine
+(`train.precision.resolve`: bf16 on a GPU with bf16, else fp16; on CPU bf16 only where it is fast, else fp32), and
+both trainers then run in that precision; MFU is against the matmul peak of that precision.
 
 Both runs get the same OMP_NUM_THREADS (cores // ranks unless --threads is given). Prints the commands it ran, a
 table (stage, ours, HF, ratio, MFU) and each run's first and last loss, and the per-step loss gap between ours and HF
@@ -138,6 +142,7 @@ def shell_join(cmd: list[str], env_prefix: str) -> str:
 
 def ours_overrides(args, stage: int, data_dir: Path, run_root: Path, accum: int, name: str,
                    seed: int = RUN_SEED) -> list[str]:
+    # args.precision is the resolved one (main), so that ours and the HF baseline train in the same precision.
     """The run-config overrides of our trainer's run (the HF baseline derives its inputs from the same config)."""
     return [
         f"model.model_type={MODELS[args.model]['model_type']}",
@@ -147,7 +152,7 @@ def ours_overrides(args, stage: int, data_dir: Path, run_root: Path, accum: int,
         "optim.lr=3.0e-4", "optim.min_lr=3.0e-4", "optim.warmup_steps=0",  # constant lr, like HF "constant"
         "optim.betas=[0.9, 0.95]", "optim.weight_decay=0.1", "optim.eps=1.0e-8", "optim.grad_clip=1.0",
         f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-        f"train.grad_accum_steps={accum}", "train.precision=bf16",
+        f"train.grad_accum_steps={accum}", f"train.precision={args.precision}",
         f"train.deepspeed_config=ds_configs/zero{stage}.json",
         "train.log_every=1", "train.eval_every=0", "train.save_every=0",
         f"run.output_dir={run_root}", f"run.name={name}", "run.resume=never", f"run.seed={seed}",
@@ -185,16 +190,18 @@ def loss_gap(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, in
     return max(abs(d) for d in diffs), sum(diffs) / len(diffs), len(steps)
 
 
-def matmul_peak(threads: int, precision: str) -> tuple[float, str]:
-    """Peak FLOP/s of one rank as train.flops defines it (GPU table, or a bf16 matmul probe on `threads`
-    threads, measured here in this process before the runs)."""
+def resolve_precision(threads: int, requested: str):
+    """`requested` resolved as the trainer would on one rank here (`train.precision.resolve`, probing on `threads`
+    threads), and the peak FLOP/s of one rank in the precision its matmuls run in (train.flops: GPU table or probe)."""
     import torch
 
     from train.flops import peak_flops
+    from train.precision import resolve
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return peak_flops(device, precision)
+    choice = resolve(requested, device)
+    return choice, *peak_flops(device, choice.peak_precision)
 
 
 def flops_per_token(cfg, manifest: dict) -> int:
@@ -224,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing for both trainers (default off, the HF Trainer's default and the "
                         "setting issue 5's reference figures were measured in; MFU does not count the recompute)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="precision of both trainers (default auto: resolved here as train.precision: auto would be)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for every rank of both runs (default: CPU cores // ranks)")
     p.add_argument("--only", choices=("ours", "hf"), default=None, help="run only one of the two trainers")
@@ -243,6 +252,7 @@ def main(argv=None) -> int:
 
     from train import config as config_lib
     from train import ds_config as ds_config_lib
+    from train.errors import RunError
     from train.model import build_hf_config
 
     workdir = (ROOT / args.workdir).resolve()
@@ -261,7 +271,13 @@ def main(argv=None) -> int:
           f"{'on' if args.activation_checkpointing else 'off'}, data {data_dir}", flush=True)
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    peak, peak_source = matmul_peak(threads, "bf16")
+    try:
+        choice, peak, peak_source = resolve_precision(threads, args.precision)
+    except RunError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"bench: precision {choice.precision} ({choice.reason}){' ' + choice.warning if choice.warning else ''}",
+          flush=True)
+    args.precision = choice.precision
     print(f"bench: matmul peak {peak:.3g} FLOP/s per rank ({peak_source})", flush=True)
     fpt = None
 
@@ -308,9 +324,11 @@ def main(argv=None) -> int:
                     or hf["engine_train_batch_size"] != ds_config["train_batch_size"]):
                 sys.exit(f"error: HF run used {hf['tokens_per_step']} tokens/step (engine train_batch_size "
                          f"{hf['engine_train_batch_size']}), ours {tokens_per_step} ({ds_config['train_batch_size']})")
-            if hf["engine_bf16"] != (cfg.train.precision == "bf16") or hf["engine_gradient_clipping"] != o.grad_clip:
-                sys.exit(f"error: HF engine has bf16={hf['engine_bf16']}, gradient_clipping="
-                         f"{hf['engine_gradient_clipping']}; the run config says {cfg.train.precision}, {o.grad_clip}")
+            if ((hf["engine_bf16"], hf["engine_fp16"]) != (cfg.train.precision == "bf16", cfg.train.precision == "fp16")
+                    or hf["engine_gradient_clipping"] != o.grad_clip):
+                sys.exit(f"error: HF engine has bf16={hf['engine_bf16']}, fp16={hf['engine_fp16']}, "
+                         f"gradient_clipping={hf['engine_gradient_clipping']}; the run config says "
+                         f"{cfg.train.precision}, {o.grad_clip}")
             if hf["ds_config_changes"]:
                 print(f"[zero{stage}] hf:   note: HF changed these DeepSpeed config keys (ours -> HF's): "
                       f"{json.dumps(hf['ds_config_changes'])}", flush=True)
@@ -321,7 +339,7 @@ def main(argv=None) -> int:
             row["hf_losses"] = {int(k): v for k, v in hf["loss"].items()}
             print(f"[zero{stage}] hf:   {row['hf']:,.0f} tokens/s, loss {row['hf_loss'][0]:.4f} -> "
                   f"{row['hf_loss'][1]:.4f} ({hf['engine_class']} ZeRO-{hf['engine_zero_stage']}, "
-                  f"bf16 {hf['engine_bf16']}, "
+                  f"bf16 {hf['engine_bf16']}, fp16 {hf['engine_fp16']}, "
                   f"{hf['engine_optimizer']} over {hf['base_optimizer']}, "
                   f"OMP_NUM_THREADS={hf['omp_num_threads']}, torch threads {hf['torch_threads']}; "
                   f"process wall {wall:.0f}s, log {stage_dir / 'hf.log'})", flush=True)
@@ -350,7 +368,7 @@ def main(argv=None) -> int:
         return tokens_per_s / ranks * fpt / peak if tokens_per_s else None
 
     print(f"\nTokens/s over steps {args.warmup + 1}..{args.steps} ({args.steps - args.warmup} steps x "
-          f"{tokens_per_step} tokens), {args.ranks} ranks, OMP_NUM_THREADS={threads}; MFU = tokens/s per rank x "
+          f"{tokens_per_step} tokens), {args.ranks} ranks, OMP_NUM_THREADS={threads}, {args.precision}; MFU = tokens/s per rank x "
           f"{fpt / 1e6:.1f} MFLOP/token / {peak:.3g} FLOP/s ({peak_source}); wait = our data-loader share of the "
           "step:")
     header = (f"{'stage':>5} | {'ours tok/s':>11} | {'HF tok/s':>11} | {'ours/HF':>7} | {'ours MFU':>8} | "
@@ -392,6 +410,7 @@ def main(argv=None) -> int:
               f"{fmt(ratio, '.3f')}")
     (workdir / "results.json").write_text(json.dumps({"args": vars(args), "threads": threads,
                                                       "tokens_per_step": tokens_per_step, "peak_flops": peak,
+                                                      "precision": choice.as_dict(),
                                                       "peak_source": peak_source, "flops_per_token": fpt,
                                                       "results": results, "scaling": scaling,
                                                       "seed_spread": spread},

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from train.config import Config
-from train.flops import precision_dtype
+from train.precision import dtype_of
 from train.model import apply_finetune, build_model, full_numel
 
 STAGES = (0, 1, 2, 3)
@@ -98,7 +98,7 @@ def _fake_model(cfg: Config, manifest: dict, checkpointing: bool):
     # in its lookup; the same test later crashed in safetensors' safe_open while pretrained weights loaded under fake
     # tensors, the likelier cause of both (no longer done, below). Kept off until the suite has run long without it.
     mode.cache_enabled = False
-    with _default_dtype(precision_dtype(cfg.train.precision)):
+    with _default_dtype(dtype_of(cfg.train.precision)):
         with mode:
             # A pretrained model is built from its config: its weights are not needed, and loading them under fake
             # tensors (safetensors maps the files) crashed the interpreter in 2 of 6 test-suite runs.

@@ -227,6 +227,25 @@ def render_probe(cfg: config_lib.Config, plan: Plan, measured: dict) -> str:
     return "\n".join(lines)
 
 
+def planned_precision(cfg: config_lib.Config, gpu: bool) -> config_lib.Config:
+    """`cfg` with train.precision: auto resolved as the Trainer would here; for a GPU cluster planned from a machine
+    without one (--gpu-mem-gb), bf16: fp16, auto's choice on GPUs without bf16, takes the same memory."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from train import precision as precision_lib
+
+    requested = cfg.train.precision
+    if requested == "auto" and gpu and not torch.cuda.is_available():
+        choice = precision_lib.Choice("bf16", requested, "auto on a GPU cluster: bf16 (fp16 where the GPUs lack "
+                                                         "bf16, same memory)")
+    else:
+        choice = precision_lib.resolve(requested, torch.device(get_accelerator().current_device_name()))
+    print(f"precision {choice.precision} ({choice.reason})" + (f"\n{choice.warning}" if choice.warning else ""),
+          flush=True)
+    return precision_lib.with_precision(cfg, choice.precision)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher plan", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,8 +265,9 @@ def main(argv=None) -> int:
         import torch
 
         world = args.world_size or max(1, torch.cuda.device_count())
-        cfg = config_lib.load(args.config, args.overrides)
-        plan = estimate(cfg, world, gpu=args.gpu_mem_gb is not None or torch.cuda.is_available())
+        gpu = args.gpu_mem_gb is not None or torch.cuda.is_available()
+        cfg = planned_precision(config_lib.load(args.config, args.overrides), gpu)
+        plan = estimate(cfg, world, gpu=gpu)
         local = min(world, os.cpu_count() or 1)
         budget, source = memory_budget(args.gpu_mem_gb, local)
         print(render(cfg, plan, budget, source), flush=True)

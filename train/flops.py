@@ -19,8 +19,9 @@ freeze_all_but_head autograd skips the activation gradients below the lowest tra
 counted, so MFU is an upper estimate there.
 
 Peak FLOP/s per rank: REPARAM_PEAK_FLOPS when set; on a GPU in `GPU_PEAK_FLOPS` (dense bf16/fp16 tensor-core
-numbers from the vendors' data sheets) the table value; otherwise a short matmul probe in the training precision on
-the rank's own threads (`measure_peak`).
+numbers from the vendors' data sheets) the table value; otherwise a short matmul probe on the rank's own threads
+(`measure_peak`). The peak is that of the precision the run's matmuls run in (`train.precision.Choice.peak_precision`):
+a bf16 peak for a bf16 run, an fp32 peak for an fp32 run, so that MFU stays a fraction of what the hardware can do.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from train.model import full_numel
+from train.precision import dtype_of
 
 # (pattern on torch.cuda.get_device_name(), dense bf16/fp16 FLOP/s). The first match wins, so more specific first.
 GPU_PEAK_FLOPS = [
@@ -90,10 +92,6 @@ def model_flops(model: torch.nn.Module, seq_len: int) -> ModelFlops:
     return ModelFlops(per_token, n_matmul, n_trainable, layers, width, seq_len)
 
 
-def precision_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
 def measure_peak(device: torch.device, dtype: torch.dtype, seconds: float = PROBE_SECONDS) -> float:
     """FLOP/s of back-to-back square matmuls for about `seconds` on `device` (after one warm-up)."""
     n = 4096 if device.type == "cuda" else 1024
@@ -125,10 +123,10 @@ def table_peak(device_name: str) -> float | None:
 
 
 def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(peak FLOP/s of one rank, where the number comes from)."""
+    """(peak FLOP/s of one rank in `precision` (bf16, fp16, fp32), where the number comes from)."""
     if os.environ.get("REPARAM_PEAK_FLOPS"):
         return float(os.environ["REPARAM_PEAK_FLOPS"]), "REPARAM_PEAK_FLOPS"
-    dtype = precision_dtype(precision)
+    dtype = dtype_of(precision)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         flops = table_peak(name) if dtype != torch.float32 else None

@@ -1,7 +1,7 @@
 """bench/gpu_check.sh, the script prepared for a lent GPU machine, run end to end in its --smoke mode on this CPU
 machine: its Llama run (llama-tiny standing in for llama-1b: same model code path, ZeRO-2, activation checkpointing)
-and its 14M-model comparison with the HF Trainer both train and leave their figures where the device tool collects
-them ($OUT). Nothing about speed is asserted: the figures are the bench's."""
+and its 14M-model comparison with the HF Trainer both train and leave their figures in $OUT; its fp16 run needs CUDA
+and says it was skipped. Nothing about speed is asserted: the figures are the bench's."""
 
 from __future__ import annotations
 
@@ -41,3 +41,7 @@ def test_gpu_check_smoke_runs_both_checks_and_writes_their_figures(tmp_path):
     assert row["ours"] > 0 and row["hf"] > 0 and row["ours_mfu"] > 0 and row["hf_mfu"] > 0
     assert row["loss_gap"][2] == 4  # ours and HF compared on all 4 steps
     assert "ours/HF" in (out / "gpu_check_gpt2.txt").read_text()
+    # auto, resolved once by the bench for both trainers: bf16 or fp32 on a CPU, bf16 on a GPU with bf16.
+    assert gpt2["precision"]["requested"] == "auto" and gpt2["precision"]["precision"] in ("bf16", "fp32")
+    assert (out / "gpu_check_gpt2_fp16.txt").read_text() == (
+        "gpu_check: gpt2_fp16 skipped: no CUDA (DeepSpeed's CPU accelerator has no fp16)\n")

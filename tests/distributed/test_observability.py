@@ -76,7 +76,13 @@ def test_summary_matches_the_event_file(run):
     assert summary["tokens_seen"] == events.Scalars("data/tokens_seen")[-1].value == STEPS * TOKENS_PER_STEP
     assert summary["flops_per_token"] == FLOPS_PER_TOKEN
     assert summary["peak_flops_per_rank"] > 1e8
-    assert summary["peak_flops_source"].startswith("measured: cpu bfloat16 matmul, ")
+    # auto: bf16 on a CPU fast at it, else fp32; MFU is against the peak of the precision the run trained in.
+    trained = summary["precision"]["precision"]
+    assert summary["precision"]["requested"] == "auto" and trained in ("bf16", "fp32")
+    assert summary["peak_flops_precision"] == trained
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}[trained]
+    assert summary["peak_flops_source"].startswith(f"measured: cpu {dtype} matmul, ")
+    assert 0 < summary["mean_mfu"] <= 1
     assert summary["mean_mfu"] == pytest.approx(
         summary["mean_tokens_per_s"] / 2 * FLOPS_PER_TOKEN / summary["peak_flops_per_rank"])
     for s in range(1, STEPS + 1):
@@ -93,6 +99,9 @@ def test_summary_matches_the_event_file(run):
 def test_plain_log_lines_and_the_summary_table(run):
     run_dir, proc, _ = run
     lines = proc.stdout.splitlines()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    precision = summary["precision"]
+    assert f"precision {precision['precision']} ({precision['reason']})" in lines
     assert sum(line.startswith(f"step {s}/{STEPS} | loss ") for line in lines for s in range(1, STEPS + 1)) == STEPS
     rows = lines[lines.index("run summary") + 1:][:10]  # one print: the launcher's lines cannot interleave
     table = dict(line.strip().split("  ", 1) for line in rows)
