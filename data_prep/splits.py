@@ -43,8 +43,16 @@ SPLIT_CHUNK = 1 << 20
 
 class SplitSpec:
     def __init__(self, val_fraction: float = 0.0, val_count: int = 0, test_fraction: float = 0.0,
-                 test_count: int = 0):
+                 test_count: int = 0, from_input: bool = False):
         from data_prep.errors import DataError
+
+        if from_input and (val_fraction or val_count or test_fraction or test_count):
+            raise DataError("--splits-from-input takes val and test from the dataset's own splits; drop --val-fraction"
+                            ", --val-count, --test-fraction and --test-count")
+        # from_input: documents keep the split of the hf: dataset split they come from (train / validation / test ->
+        # train / val / test, see data_prep.hf_datasets); the pipeline plans each split's units apart and records
+        # every unit's split, so no hash is involved.
+        self.from_input = bool(from_input)
 
         for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
@@ -62,8 +70,11 @@ class SplitSpec:
         self.test_fraction, self.test_count = float(test_fraction), int(test_count)
 
     def as_dict(self) -> dict:
-        return {"val_fraction": self.val_fraction, "val_count": self.val_count,
-                "test_fraction": self.test_fraction, "test_count": self.test_count}
+        d = {"val_fraction": self.val_fraction, "val_count": self.val_count,
+             "test_fraction": self.test_fraction, "test_count": self.test_count}
+        if self.from_input:  # only then, so that the keys of runs without it stay what they were
+            d["from_input"] = True
+        return d
 
     def split_names(self) -> list[str]:
         names = ["train"]
