@@ -90,13 +90,17 @@ def write_demo_corpus(output: str | Path, max_mb: float = 8.0, kind: str = "text
     limit = int(max_mb * 1e6)
     docs = written = 0
     tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in _records(kind):
-            if written >= limit:
-                break
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            docs += 1
-            written += sum(len(str(v).encode("utf-8")) for v in record.values())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in _records(kind):
+                if written >= limit:
+                    break
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                docs += 1
+                written += sum(len(str(v).encode("utf-8")) for v in record.values())
+    except BaseException:  # e.g. the disk filled up: no partial corpus
+        tmp.unlink(missing_ok=True)
+        raise
     if docs == 0:
         tmp.unlink()
         raise DataError(f"no readable .py files under {sysconfig.get_paths()['stdlib']}")

@@ -16,20 +16,45 @@ from data_prep.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The files that define a HF tokenizer (what transformers' save_pretrained writes for one): the fingerprint covers
+# these and nothing else, so a stray file in the directory (model weights, a log) neither changes it nor is read.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+                   "chat_template.json", "added_tokens.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)  # named chat templates, <name>.jinja
+
+
+def tokenizer_files(directory: Path) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of the tokenizer files `directory` holds, sorted by relative path."""
+    files = [(name, directory / name) for name in TOKENIZER_FILES if (directory / name).is_file()]
+    for sub in TOKENIZER_DIRS:
+        if (directory / sub).is_dir():
+            files += [(p.relative_to(directory).as_posix(), p) for p in (directory / sub).rglob("*") if p.is_file()]
+    return sorted(files)
 
 
 def tokenizer_fingerprint(directory: str | Path) -> str:
-    """sha256 over the tokenizer dir's files, sorted by relative path (posix): for each file, its relative path
-    (UTF-8), a NUL byte, its size as 8 bytes little-endian, then its bytes. Any change to any file changes it."""
+    """sha256 over the tokenizer files of the directory (`TOKENIZER_FILES`, `TOKENIZER_DIRS`), sorted by relative
+    path (posix): for each file, its relative path (UTF-8), a NUL byte, its size as 8 bytes little-endian, then its
+    bytes, read in 1 MiB chunks. Any change to any of these files changes it; other files are ignored (for a
+    directory holding only tokenizer files this equals the earlier whole-directory fingerprint)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: tokenizer directory does not exist")
     digest = hashlib.sha256()
-    files = sorted((p.relative_to(directory).as_posix(), p) for p in directory.rglob("*") if p.is_file())
-    for name, path in files:
-        data = path.read_bytes()
-        digest.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "little"))
-        digest.update(data)
+    for name, path in tokenizer_files(directory):
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                digest.update(name.encode("utf-8") + b"\0" + size.to_bytes(8, "little"))
+                read = 0
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    read += len(chunk)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+        if read != size:
+            raise DataError(f"{path}: changed while it was read; re-run when the tokenizer directory is complete")
     return digest.hexdigest()
 
 
@@ -65,12 +90,16 @@ def write_manifest(directory: str | Path, manifest: dict) -> Path:
     """Write `manifest.json` via a temp file + fsync + rename, so readers never see a partial manifest."""
     path = Path(directory) / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. the disk filled up: no partial manifest
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

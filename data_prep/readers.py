@@ -23,7 +23,6 @@ import gzip
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -34,6 +33,18 @@ from data_prep.errors import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".csv", ".txt")
 TXT_MODES = ("file", "paragraph")
+# --max-record-mb: a record (jsonl line, txt document or paragraph, csv field, parquet value) over this size is a
+# bad record (reason record_too_large), read without holding more than the limit. Tokenizing one text costs ~150x
+# its size in memory (a 51 MB document took 8.1 GB and 80 s), and no sequence needs a document this long to be one
+# record.
+DEFAULT_MAX_RECORD_MB = 16.0
+BOM = b"\xef\xbb\xbf"
+
+
+def _too_large(size: int, max_bytes: int, what: str = "record") -> "BadRecord":
+    return BadRecord("record_too_large", f"{what} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB "
+                                         "limit per record; split the document, raise --max-record-mb (tokenizing "
+                                         "a record takes ~150x its size in memory) or pass --on-bad-record skip")
 
 
 class Document(NamedTuple):
@@ -74,7 +85,9 @@ def _json_type(value) -> str:
 
 
 def input_format(path: str) -> str | None:
-    """'jsonl', 'parquet', 'csv', 'txt' or None (unsupported)."""
+    """'jsonl', 'parquet', 'csv', 'txt', 'arrow' (a split of an hf: input) or None (unsupported)."""
+    if path.endswith(".arrow"):
+        return "arrow"
     for suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
         if path.endswith(suffix):
             return "jsonl"
@@ -85,23 +98,33 @@ def input_format(path: str) -> str | None:
 
 
 def _supported(path: str) -> bool:
-    return input_format(path) is not None
+    return input_format(path) not in (None, "arrow")  # arrow files are read as part of an hf: dataset only
 
 
-UNSUPPORTED_HINT = "use .jsonl/.jsonl.gz/.jsonl.zst, .parquet, .csv or .txt"
+UNSUPPORTED_HINT = ("use .jsonl/.jsonl.gz/.jsonl.zst, .parquet, .csv or .txt, or hf:DIR / hf:NAME for a Hugging Face "
+                    "dataset")
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[str]:
+def expand_inputs(inputs: Iterable[str], hf_splits: list[str] | None = None,
+                  splits_from_input: bool = False) -> list[str]:
     """Input arguments -> the list of files to read.
 
     Arguments keep the order given; each one expands deterministically: a file is itself, a directory is every
     supported file under it (recursively, sorted by path), a glob is its matches (sorted). A file listed twice is
     read once. A pattern that matches nothing is an error (a typo must not silently drop a part of the corpus).
+    `hf:DIR` / `hf:NAME[:CONFIG]` is the arrow files of a Hugging Face dataset's splits (`data_prep.hf_datasets`;
+    `hf_splits`, `splits_from_input` choose the splits).
     """
     files: list[str] = []
     seen: set[str] = set()
+    if hf_splits and not any(arg.startswith("hf:") for arg in inputs):
+        raise DataError("--hf-split chooses splits of hf: inputs; none is given")
     for arg in inputs:
-        if os.path.isfile(arg):
+        if arg.startswith("hf:"):
+            from data_prep.hf_datasets import expand
+
+            matches = expand(arg, hf_splits, splits_from_input)
+        elif os.path.isfile(arg):
             if not _supported(arg):
                 raise DataError(f"{arg}: unsupported input type; {UNSUPPORTED_HINT}")
             matches = [arg]
@@ -202,6 +225,12 @@ def plan_units(files: list[str], chunk_bytes: int, txt_mode: str = "file") -> li
             ranges = _parquet_ranges(path, chunk_bytes)
             total = sum(s for _, _, s in ranges) or 1
             pieces = [(Piece(path, a, b), size * s // total) for a, b, s in ranges]
+        elif path.endswith(".arrow"):  # an hf: split: runs of record batches
+            from data_prep.hf_datasets import arrow_ranges
+
+            ranges = arrow_ranges(path, chunk_bytes)
+            total = sum(s for _, _, s in ranges) or 1
+            pieces = [(Piece(path, a, b), size * s // total) for a, b, s in ranges]
         else:
             pieces = [(Piece(path, 0, -1), size)]
         for piece, piece_size in pieces:
@@ -229,6 +258,51 @@ def _decode_error(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, BadRecord]:
                                             "fix the record or re-encode the file as UTF-8")
 
 
+def _truncated(path: str, detail: str) -> DataError:
+    return DataError(f"{path}: cannot be decompressed (truncated: {detail}); the file is damaged or was cut short "
+                     "(an interrupted copy or download?): copy or compress it again")
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def check_zstd_frames(path: str) -> None:
+    """DataError if the .zst file ends inside a frame. python-zstandard's stream reader takes the end of its input
+    as the end of the data, so a file cut short would be read in part without a word; this walks the frame and
+    block headers (3 bytes per block of up to 128 KiB; nothing is decompressed). A file cut exactly between two
+    frames is a valid zstd file of fewer frames and cannot be told apart."""
+    size = os.path.getsize(path)
+    with open(path, "rb", buffering=0) as f:
+        def read(pos: int, n: int) -> bytes:
+            f.seek(pos)
+            data = f.read(n)
+            if len(data) < n:
+                raise _truncated(path, f"the file ends inside a zstd frame, at byte {size:,}")
+            return data
+
+        pos = 0
+        while pos < size:
+            magic = int.from_bytes(read(pos, 4), "little")
+            if 0x184D2A50 <= magic <= 0x184D2A5F:  # a skippable frame: magic, 4-byte size, data
+                pos += 8 + int.from_bytes(read(pos + 4, 4), "little")
+            elif magic != _ZSTD_MAGIC:
+                raise DataError(f"{path}: cannot be decompressed (no zstd frame at byte {pos:,}); the file is damaged "
+                                "or not zstd: copy or compress it again")
+            else:
+                desc = read(pos + 4, 1)[0]
+                fcs, single, checksum, dict_id = desc >> 6, (desc >> 5) & 1, (desc >> 2) & 1, desc & 3
+                pos += 5 + (1 - single) + (0, 1, 2, 4)[dict_id] + (single, 2, 4, 8)[fcs]
+                while True:
+                    header = int.from_bytes(read(pos, 3), "little")
+                    last, kind, block_size = header & 1, (header >> 1) & 3, header >> 3
+                    pos += 3 + (1 if kind == 1 else block_size)  # an RLE block holds one byte
+                    if last:
+                        break
+                pos += 4 * checksum
+            if pos > size:
+                raise _truncated(path, f"the file ends inside a zstd frame, at byte {size:,}")
+
+
 def _open_lines(piece: Piece):
     """A binary line iterator over the piece's bytes, and a closer."""
     path = piece.path
@@ -239,6 +313,7 @@ def _open_lines(piece: Piece):
             import zstandard
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        check_zstd_frames(path)
         raw = open(path, "rb")
         f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
     else:
@@ -248,20 +323,34 @@ def _open_lines(piece: Piece):
     return f
 
 
-def _lines(piece: Piece, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
+def _lines(piece: Piece, stats: ReadStats, max_bytes: int) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, line) for the piece's lines; a line longer than max_bytes comes out as its size (an int),
+    read in bounded chunks and never held whole. A leading UTF-8 BOM of the file is dropped."""
     f = _open_lines(piece)
     try:
         remaining = piece.end - piece.start if piece.end >= 0 else -1
         number = 0
-        for raw in f:
+        while raw := f.readline(max_bytes + 1):
             number += 1
-            stats.bytes_read += len(raw)
-            yield number, raw
+            size = len(raw)
+            if size > max_bytes and not raw.endswith(b"\n"):
+                raw = None
+                while chunk := f.readline(1 << 20):  # the rest of the line, dropped as it is read
+                    size += len(chunk)
+                    if chunk.endswith(b"\n"):
+                        break
+            stats.bytes_read += size
+            if raw is None or size > max_bytes:
+                yield number, size
+            else:
+                yield number, raw[3:] if number == 1 and piece.start == 0 and raw.startswith(BOM) else raw
             if remaining >= 0:
-                remaining -= len(raw)
+                remaining -= size
                 if remaining <= 0:
                     break
-    except (OSError, EOFError) as exc:  # truncated/corrupt .gz or .zst
+    except EOFError as exc:  # gzip: the stream ends before its end-of-stream marker
+        raise _truncated(piece.path, str(exc)) from None
+    except OSError as exc:  # corrupt .gz
         raise DataError(f"{piece.path}: cannot be decompressed ({exc}); the file is damaged") from None
     except Exception as exc:
         if type(exc).__name__ == "ZstdError":
@@ -291,8 +380,11 @@ def _fast_record(raw: bytes) -> dict | None:
     return record
 
 
-def _jsonl_records(piece: Piece, stats: ReadStats) -> Iterator[tuple[int, object]]:
-    for number, raw in _lines(piece, stats):
+def _jsonl_records(piece: Piece, stats: ReadStats, max_bytes: int) -> Iterator[tuple[int, object]]:
+    for number, raw in _lines(piece, stats, max_bytes):
+        if isinstance(raw, int):
+            yield number, _too_large(raw, max_bytes, "line")
+            continue
         record = _fast_record(raw)
         if record is not None:
             yield number, record
@@ -310,6 +402,10 @@ def _jsonl_records(piece: Piece, stats: ReadStats) -> Iterator[tuple[int, object
             yield number, BadRecord("invalid_json", f"not valid JSON ({exc.msg} at column {exc.colno}); "
                                                     "fix the record or remove the line")
             continue
+        except RecursionError:  # orjson stops at 1024 levels, json.loads at Python's recursion limit
+            yield number, BadRecord("invalid_json", "not valid JSON (nested too deeply); fix the record or remove "
+                                                    "the line")
+            continue
         if not isinstance(record, dict):
             yield number, BadRecord("not_an_object", f"record is a JSON {_json_type(record)}, not an object; "
                                                      "fix the record or remove the line")
@@ -317,11 +413,19 @@ def _jsonl_records(piece: Piece, stats: ReadStats) -> Iterator[tuple[int, object
         yield number, record
 
 
-def _txt_records(piece: Piece, stats: ReadStats, txt_mode: str) -> Iterator[tuple[int, object]]:
+def _txt_records(piece: Piece, stats: ReadStats, txt_mode: str, max_bytes: int) -> Iterator[tuple[int, object]]:
     if txt_mode == "file":
         with open(piece.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                stats.bytes_read += size
+                yield 1, _too_large(size, max_bytes, "the file (one document with --txt-mode file; "
+                                                      "--txt-mode paragraph reads one per blank-line block)")
+                return
             raw = f.read()
         stats.bytes_read += len(raw)
+        if raw.startswith(BOM):
+            raw = raw[3:]
         try:
             yield 1, raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -329,18 +433,22 @@ def _txt_records(piece: Piece, stats: ReadStats, txt_mode: str) -> Iterator[tupl
             yield 1 + lines, bad
         return
     block: list[bytes] = []
-    first = 0
-    for number, raw in _lines(piece, stats):
-        if raw.strip():
-            if not block:
+    first, size = 0, 0  # the block's first line and its bytes so far
+    for number, raw in _lines(piece, stats, max_bytes):
+        if isinstance(raw, int) or raw.strip():
+            if not size:
                 first = number
-            block.append(raw)
+            size += raw if isinstance(raw, int) else len(raw)
+            if size <= max_bytes:
+                block.append(raw)
+            else:  # too large: count on, hold nothing
+                block = []
             continue
-        if block:
-            yield _txt_block(block, first)
-            block = []
-    if block:
-        yield _txt_block(block, first)
+        if size:
+            yield (first, _too_large(size, max_bytes, "paragraph")) if size > max_bytes else _txt_block(block, first)
+            block, size = [], 0
+    if size:
+        yield (first, _too_large(size, max_bytes, "paragraph")) if size > max_bytes else _txt_block(block, first)
 
 
 def _txt_block(block: list[bytes], first: int) -> tuple[int, object]:
@@ -361,7 +469,8 @@ def _check_columns(path: str, columns: list[str], fields: list[tuple[str, str]])
                             "holds it")
 
 
-def _parquet_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]]) -> Iterator[tuple[int, object]]:
+def _parquet_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]], max_bytes: int
+                     ) -> Iterator[tuple[int, object]]:
     import pyarrow.parquet as pq
 
     try:
@@ -379,60 +488,86 @@ def _parquet_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str
         values = [batch.column(name).to_pylist() for name in names]
         for row in zip(*values):
             number += 1
-            yield number, dict(zip(names, row))
+            sizes = [len(v.encode("utf-8", "surrogatepass")) for v in row
+                     if isinstance(v, str) and len(v) > max_bytes // 4]
+            yield number, _too_large(max(sizes), max_bytes, "a value") if sizes and max(sizes) > max_bytes \
+                else dict(zip(names, row))
 
 
-def _csv_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]]) -> Iterator[tuple[int, object]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are long; the default limit is 128 KiB
-    # surrogateescape: a bad byte becomes a lone surrogate, reported per row instead of a codec crash.
-    with open(piece.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+def _csv_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]], max_bytes: int
+                 ) -> Iterator[tuple[int, object]]:
+    csv.field_size_limit(min(max_bytes, 2**31 - 1))  # documents are long; the default limit is 128 KiB
+    # surrogateescape: a bad byte becomes a lone surrogate, reported per row instead of a codec crash; utf-8-sig
+    # drops a leading BOM (it would otherwise be part of the first column's name).
+    with open(piece.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return
-        _check_columns(piece.path, header, fields)
-        width = len(header)
-        number = 0
-        for row in reader:
-            number += 1
-            stats.bytes_read += sum(len(v) for v in row) + len(row)
-            if not row:
-                continue
-            if len(row) != width:
-                yield number, BadRecord("csv_field_count", f"row has {len(row)} fields, the header has {width}; "
-                                                           "fix the row (quote fields that hold commas)")
-                continue
-            record = dict(zip(header, row))
-            for field, _ in fields:
-                try:
-                    record[field].encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    bad = record[field][exc.start].encode("utf-8", "surrogateescape")[0]
-                    yield number, BadRecord("invalid_utf8", f"field {field!r} is not valid UTF-8 (byte 0x{bad:02x}"
-                                                            f" at character {exc.start + 1}); fix the row or "
-                                                            "re-encode the file as UTF-8")
-                    break
-            else:
-                yield number, record
+        number = -1  # the header is row 0
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            _check_columns(piece.path, header, fields)
+            width = len(header)
+            number = 0
+            for row in reader:
+                number += 1
+                yield from _csv_row(number, row, header, width, fields, stats)
+        except csv.Error as exc:  # a field over the limit, a NUL byte, ...; the reader cannot go on past it
+            where = f"{piece.path}:row {number + 1}" if number >= 0 else f"{piece.path}: header row"
+            hint = (f"a field is over the {max_bytes / 2**20:g} MiB limit per record; raise --max-record-mb"
+                    if "field limit" in str(exc) else f"{exc}; fix the file")
+            raise DataError(f"{where}: cannot be parsed as CSV ({hint})") from None
 
 
-def iter_piece(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]], txt_mode: str = "file"
-               ) -> Iterator[tuple[int, object]]:
+def _csv_row(number: int, row: list, header: list, width: int, fields: list[tuple[str, str]], stats: ReadStats
+             ) -> Iterator[tuple[int, object]]:
+    stats.bytes_read += sum(len(v) for v in row) + len(row)
+    if not row:
+        return
+    if len(row) != width:
+        yield number, BadRecord("csv_field_count", f"row has {len(row)} fields, the header has {width}; "
+                                                   "fix the row (quote fields that hold commas)")
+        return
+    record = dict(zip(header, row))
+    for field, _ in fields:
+        try:
+            record[field].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = record[field][exc.start].encode("utf-8", "surrogateescape")[0]
+            yield number, BadRecord("invalid_utf8", f"field {field!r} is not valid UTF-8 (byte 0x{bad:02x}"
+                                                    f" at character {exc.start + 1}); fix the row or "
+                                                    "re-encode the file as UTF-8")
+            break
+    else:
+        yield number, record
+
+
+def iter_piece(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]], txt_mode: str = "file",
+               max_bytes: int = int(DEFAULT_MAX_RECORD_MB * 2**20)) -> Iterator[tuple[int, object]]:
     """(number within the piece, record) for every record of the piece; record: dict, str (txt) or BadRecord.
-    `fields` are (field, flag) pairs the caller needs; parquet/csv files without such a column raise DataError."""
+    `fields` are (field, flag) pairs the caller needs; parquet/csv files without such a column raise DataError.
+    A record over `max_bytes` is a record_too_large BadRecord."""
     fmt = input_format(piece.path)
     if fmt == "jsonl":
-        return _jsonl_records(piece, stats)
+        return _jsonl_records(piece, stats, max_bytes)
     if fmt == "txt":
-        return _txt_records(piece, stats, txt_mode)
+        return _txt_records(piece, stats, txt_mode, max_bytes)
     if fmt == "parquet":
-        return _parquet_records(piece, stats, fields)
-    return _csv_records(piece, stats, fields)
+        return _parquet_records(piece, stats, fields, max_bytes)
+    if fmt == "arrow":
+        from data_prep.hf_datasets import arrow_records
+
+        return arrow_records(piece, stats, fields, max_bytes)
+    return _csv_records(piece, stats, fields, max_bytes)
 
 
 def location(piece: Piece, number: int) -> str:
     """'file:line' (jsonl, txt) or 'file:row N' (csv: data row, parquet: row) for record `number` of the piece."""
     fmt = input_format(piece.path)
+    if fmt == "arrow":
+        from data_prep.hf_datasets import location as hf_location
+
+        return hf_location(piece, number)  # DATASET['split'][row]
     if fmt == "parquet":
         start_row = 0
         if piece.end >= 0:
@@ -454,13 +589,15 @@ def location(piece: Piece, number: int) -> str:
 
 
 def iter_documents(files: Iterable[str], text_field: str | list[str] = "text", stats: ReadStats | None = None,
-                   txt_mode: str = "file", field_join: str = "\n\n") -> Iterator[Document]:
+                   txt_mode: str = "file", field_join: str = "\n\n", max_record_mb: float | None = None
+                   ) -> Iterator[Document]:
     """Non-empty text documents of `files` in order (error on the first bad record); empty or whitespace-only ones
     are dropped and counted in `stats`. Used by tokenizer training; `tokenize` goes through `data_prep.records`."""
     from data_prep.records import RecordSpec, Extractor
 
     fields = [text_field] if isinstance(text_field, str) else list(text_field)
-    extractor = Extractor(RecordSpec(text_fields=tuple(fields), field_join=field_join, txt_mode=txt_mode))
+    extractor = Extractor(RecordSpec(text_fields=tuple(fields), field_join=field_join, txt_mode=txt_mode,
+                                     max_record_mb=max_record_mb or DEFAULT_MAX_RECORD_MB))
     stats = stats if stats is not None else ReadStats()
     for path in files:
         piece = Piece(path, 0, -1)

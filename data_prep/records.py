@@ -23,12 +23,17 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from data_prep.errors import DataError
-from data_prep.readers import BadRecord, Piece, ReadStats, _json_type, iter_piece, location
+from data_prep.readers import (DEFAULT_MAX_RECORD_MB, BadRecord, Piece, ReadStats, _json_type, iter_piece,
+                                location)
 
 RECORD_KINDS = ("text", "sft", "classification")
 ON_BAD = ("error", "skip")
 BAD_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "csv_field_count", "missing_field", "not_a_string",
-               "bad_messages", "bad_label", "unknown_label")
+               "bad_messages", "bad_label", "unknown_label", "record_too_large")
+# Integer labels are ids: the label set is 0..max. Without --labels or --num-labels they must stay below this, so
+# that a stray large number (100000000) is a bad record, not a 100-million-entry label table.
+MAX_UNDECLARED_LABELS = 10_000
+MAX_NUM_LABELS = 1_000_000  # --num-labels / --labels: the label table is written into manifest.json
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class RecordSpec:
     labels: tuple | None = None  # --labels: the label set in id order (else derived from the data, sorted)
     txt_mode: str = "file"
     on_bad: str = "error"
+    num_labels: int | None = None  # --num-labels: integer labels are ids in [0, num_labels)
+    max_record_mb: float = DEFAULT_MAX_RECORD_MB  # --max-record-mb
 
     def validate(self) -> None:
         if self.kind not in RECORD_KINDS:
@@ -56,6 +63,25 @@ class RecordSpec:
             raise DataError("--text-field: give at least one field")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise DataError("--labels: a label is listed twice")
+        if self.labels is not None and not all(isinstance(x, str) and x.strip() for x in self.labels):
+            empty = next(i for i, x in enumerate(self.labels) if not (isinstance(x, str) and x.strip()))
+            raise DataError(f"--labels: label {empty + 1} of {len(self.labels)} is empty; list the label names "
+                            "separated by commas, e.g. --labels neg,neutral,pos")
+        if self.labels is not None and len(self.labels) > MAX_NUM_LABELS:
+            raise DataError(f"--labels: {len(self.labels):,} labels, more than {MAX_NUM_LABELS:,}")
+        if self.num_labels is not None:
+            if self.labels is not None:
+                raise DataError("--num-labels and --labels: give one (--labels names the labels, --num-labels "
+                                "counts integer labels)")
+            if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) \
+                    or not 1 <= self.num_labels <= MAX_NUM_LABELS:
+                raise DataError(f"--num-labels {self.num_labels}: must be in [1, {MAX_NUM_LABELS:,}]")
+        if not (isinstance(self.max_record_mb, (int, float)) and 0 < self.max_record_mb < 2048):
+            raise DataError(f"--max-record-mb {self.max_record_mb}: must be > 0 and < 2048")
+
+    @property
+    def max_record_bytes(self) -> int:
+        return max(1, int(self.max_record_mb * 2**20))
 
     def fields(self) -> list[tuple[str, str]]:
         """(field, flag) pairs a record must have."""
@@ -223,6 +249,16 @@ class Extractor:
         if isinstance(value, int) and value < 0:
             raise _Bad("bad_label", f"label field {name!r} is {value}, not a string or a non-negative integer; "
                                     "fix the record")
+        if self.spec.num_labels is not None:
+            if not isinstance(value, int) or value >= self.spec.num_labels:
+                raise _Bad("unknown_label", f"label {value!r} is not an integer in [0, --num-labels "
+                                            f"{self.spec.num_labels}); fix the record or raise --num-labels (or "
+                                            "name string labels with --labels)")
+        elif self._label_set is None and isinstance(value, int) and value >= MAX_UNDECLARED_LABELS:
+            raise _Bad("bad_label", f"label {value} is too large: integer labels are class ids, {value + 1:,} "
+                                    f"classes without --num-labels or --labels (the limit is "
+                                    f"{MAX_UNDECLARED_LABELS:,}); fix the record or declare the classes with "
+                                    "--num-labels N")
         if self._label_set is not None:
             known = value in self._label_set or (isinstance(value, int) and value < len(self.spec.labels))
             if not known:
@@ -286,7 +322,8 @@ class Extractor:
 
     def examples(self, piece: Piece, stats: ReadStats) -> Iterator[tuple[int, Example]]:
         """(number within the piece, Example) for every usable record of the piece."""
-        for number, record in iter_piece(piece, stats, self.spec.fields(), self.spec.txt_mode):
+        for number, record in iter_piece(piece, stats, self.spec.fields(), self.spec.txt_mode,
+                                         self.spec.max_record_bytes):
             stats.docs_read += 1
             try:
                 if isinstance(record, BadRecord):

@@ -44,11 +44,15 @@ def extra_names(split: str, k: int) -> tuple[str, str]:
 def _write_atomic(path: Path, data: bytes) -> str:
     """Write `data` to `path` via a temp name + fsync + rename; returns its sha256."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. the disk filled up: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return hashlib.sha256(data).hexdigest()
 
 

@@ -77,8 +77,8 @@ def save_tokenizer_dir(tokenizer: Tokenizer, output: str | Path, model_max_lengt
 
 
 def train_tokenizer(files: list[str], output: str | Path, vocab_size: int, text_field: str | list[str] = "text",
-                    model_max_length: int = 2048, txt_mode: str = "file", field_join: str = "\n\n"
-                    ) -> tuple[Tokenizer, ReadStats]:
+                    model_max_length: int = 2048, txt_mode: str = "file", field_join: str = "\n\n",
+                    max_record_mb: float | None = None) -> tuple[Tokenizer, ReadStats]:
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise DataError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
                         f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
@@ -89,7 +89,8 @@ def train_tokenizer(files: list[str], output: str | Path, vocab_size: int, text_
 
     def texts() -> Iterable[str]:
         # Streamed: tokenizers pulls documents from this generator, the corpus is never held in memory.
-        for doc in iter_documents(files, text_field, stats, txt_mode=txt_mode, field_join=field_join):
+        for doc in iter_documents(files, text_field, stats, txt_mode=txt_mode, field_join=field_join,
+                                  max_record_mb=max_record_mb):
             progress.update(1, stats.bytes_read)
             yield doc.text
 

@@ -10,14 +10,18 @@ Starts train/main.py through DeepSpeed's launcher, without SSH:
 Each rank gets the launcher's environment plus PYTHONPATH (project root) and an equal share of the node's cores
 (OMP_NUM_THREADS, unless set). SIGUSR1/SIGTERM ask every rank to checkpoint and exit 75. Prints the exact command
 (and its environment additions) before running it; --dry-run prints only.
+
+A local run's rendezvous listens on 127.0.0.1 only (launcher/rendezvous.py: the launcher hosts the store on
+loopback; a --dry-run command, run by hand, lets rank 0 host it on MASTER_PORT as usual). A generated hostfile is
+written into a fresh private directory (mkdtemp), never to a predictable path in a shared temp directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from launcher import hosts as hosts_lib
 from launcher import process
+from launcher import rendezvous
 from launcher.hosts import LaunchError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +40,9 @@ DEFAULT_MULTI_NODE_PORT = 29500
 PREEMPTED = 75  # train.preemption.EXIT_CODE
 
 
-def free_port() -> int:
+def free_port(host: str = "") -> int:
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -51,7 +56,8 @@ def training_args(args) -> list[str]:
 
 
 def local_command(args, port: int) -> list[str]:
-    return [deepspeed(), "--num_gpus", str(args.nproc), "--master_port", str(port), *training_args(args)]
+    return [deepspeed(), "--num_gpus", str(args.nproc), "--master_addr", rendezvous.LOOPBACK, "--master_port",
+            str(port), *training_args(args)]
 
 
 def node_command(args, hosts: hosts_lib.Hosts, hostfile: str, node_rank: int) -> list[str]:
@@ -69,9 +75,10 @@ def slurm_command(args, hosts: hosts_lib.Hosts, port: int) -> list[str]:
 
 
 def hostfile_for(hosts: hosts_lib.Hosts) -> str:
-    """A hostfile for DeepSpeed, written on this node so nodes need no shared file (named by its content)."""
-    text = "".join(f"{host}:{slots}," for host, slots in hosts)
-    path = Path(tempfile.gettempdir()) / f"reparam-hostfile-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    """A hostfile for DeepSpeed, written on this node so nodes need no shared file: in a new directory that only
+    this user can enter (mkdtemp: a fresh name, mode 0700), so no planted file or link is ever written through."""
+    directory = tempfile.mkdtemp(prefix="reparam-hostfile-")
+    path = Path(directory) / "hostfile"
     hosts_lib.write_hostfile(hosts, path)
     return str(path)
 
@@ -103,15 +110,17 @@ def parse_args(argv):
     return parser, parser.parse_args(argv)
 
 
-def plan(args, environ: dict) -> tuple[list[str], dict, str]:
-    """(command, environment additions, mode) for this invocation; LaunchError on bad input."""
+def plan(args, environ: dict, port: int | None = None) -> tuple[list[str], dict, str]:
+    """(command, environment additions, mode) for this invocation; LaunchError on bad input. `port`: the local
+    run's rendezvous port (default: a free one on loopback)."""
     if args.nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nodes == "slurm":
         hosts = hosts_lib.from_slurm(environ, args.nproc)
         return slurm_command(args, hosts, free_port()), rank_environment(args.nproc, environ), "slurm"
     if args.nodes is None and args.hostfile is None:
-        return local_command(args, free_port()), rank_environment(args.nproc, environ), "local"
+        extra = {**rank_environment(args.nproc, environ), **rendezvous.loopback_environment(environ)}
+        return local_command(args, port or free_port(rendezvous.LOOPBACK)), extra, "local"
     hosts = hosts_lib.from_hostfile(args.hostfile) if args.hostfile else hosts_lib.from_list(args.nodes, args.nproc)
     node_rank = args.node_rank if args.node_rank is not None else environ.get("SLURM_NODEID")
     if node_rank is None:
@@ -131,10 +140,15 @@ def main(argv=None) -> int:
 
         return plan_command.main(argv[1:])
     parser, args = parse_args(argv)
+    store = None
+    if args.nodes is None and args.hostfile is None and not args.dry_run and args.nproc >= 1:
+        store = rendezvous.LoopbackStore()  # a local run: rank 0 joins it instead of listening on every interface
     try:
-        command, extra, mode = plan(args, os.environ)
+        command, extra, mode = plan(args, os.environ, port=store.port if store else None)
     except LaunchError as exc:
         parser.error(str(exc))
+    if store:
+        extra.update(store.environment())
     print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in extra.items()), *map(shlex.quote, command)]), flush=True)
     if args.dry_run:
         return 0
@@ -151,6 +165,8 @@ def main(argv=None) -> int:
             print(f"launcher: DeepSpeed's launcher exited {code} after the ranks saved a preemption checkpoint "
                   f"(it was signalled too); exiting {PREEMPTED}", flush=True)
             code = PREEMPTED
+    if mode == "node" and not args.hostfile:  # the hostfile this launcher wrote; DeepSpeed read it at start
+        shutil.rmtree(Path(command[command.index("--hostfile") + 1]).parent, ignore_errors=True)
     if code not in (0, PREEMPTED):
         print(f"launcher: {mode} run failed with exit code {code} (the failed rank is named above)",
               file=sys.stderr, flush=True)

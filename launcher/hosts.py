@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -45,7 +46,10 @@ def from_slurm(environ: dict, nproc: int) -> Hosts:
 
 
 def write_hostfile(hosts: Hosts, path) -> None:
-    path.write_text("".join(f"{host} slots={slots}\n" for host, slots in hosts))
+    """Create `path` (it must not exist; a link there is not followed) readable by this user only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with open(fd, "w") as f:
+        f.write("".join(f"{host} slots={slots}\n" for host, slots in hosts))
 
 
 def _checked(hosts: Hosts, source: str) -> Hosts:

@@ -21,9 +21,9 @@ import torch
 from train.config import Config, ModelConfig
 from train.errors import ConfigError
 
-# Files that define a HF tokenizer; a model dir that has any of them must agree with the one the data was made with.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
-                   "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+# Files that define a HF tokenizer (one list, data_prep's); a model dir that has any of them must agree with the one
+# the data was made with.
+from data_prep.manifest import TOKENIZER_FILES  # noqa: E402
 HEAD_MODULES = {"classification": ("classifier", "score"), "sft": ("lm_head",), "causal_lm": ("lm_head",)}
 
 

@@ -6,17 +6,19 @@ log/eval/save intervals, learning rate, batch size) is allowed and reported.
 
 A checkpoint written by a different number of ranks holds optimizer partitions of the wrong shape; it is
 converted once, by rank 0, to DeepSpeed's universal format (`step_<N>.universal/`), which any world size loads.
+The conversion gets its own `checkpoint.json` (sizes and checksums) and is verified like a checkpoint before each
+use; a damaged one is converted again.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
+from train.checkpoint import remove, verify, write_manifest
 from train.errors import ResumeError
 
 BREAKING = ("task.", "model.", "finetune.", "data.seq_len", "data.train_split", "run.seed", "train.precision", "train.deepspeed_config",
@@ -50,16 +52,21 @@ def convert_to_universal(directory: Path, tag: str, rank: int) -> str:
     universal = f"{tag}.universal"
     target = directory / universal
     error = [None]
-    if rank == 0 and not (target / "done").is_file():
+    if rank == 0 and (target.exists() or target.is_symlink()):
+        problem = verify(target)
+        if problem:
+            print(f"warning: converting {directory / tag} again: {target}: {problem}", file=sys.stderr, flush=True)
+            remove(target)
+    if rank == 0 and not target.exists():
         staging = directory / f"{universal}.partial"
-        shutil.rmtree(staging, ignore_errors=True)  # left by a conversion that was killed
+        remove(staging)  # left by a conversion that was killed
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                    str(directory / tag), "--output_folder", str(staging), "--num_extract_workers", "1",
                    "--num_merge_workers", "1"]
         print(f"converting {directory / tag} to the universal checkpoint format: {' '.join(command)}", flush=True)
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode == 0:
-            (staging / "done").touch()
+            write_manifest(staging, {"universal_of": tag})
             staging.rename(target)
         else:
             error[0] = f"converting {directory / tag} to a universal checkpoint failed:\n{result.stderr[-3000:]}"

@@ -54,7 +54,7 @@ def test_two_nodes_without_ssh_match_the_single_node_run(tiny_data, tmp_path):
     data = [f"data.path={tiny_data['shards']}", f"run.output_dir={tmp_path}"]
     code, out, err = finish(start("--nproc", "2", *RUN, *data, "run.name=single"))
     assert code == 0, err[-3000:]
-    assert "--num_gpus 2 --master_port" in out.splitlines()[0]
+    assert "--num_gpus 2 --master_addr 127.0.0.1 --master_port" in out.splitlines()[0]
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes on loopback\n127.0.0.1 slots=1\n127.0.0.2 slots=1\n")

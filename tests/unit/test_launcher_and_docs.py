@@ -19,10 +19,11 @@ def dry_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_prints_the_deepspeed_command_with_thread_share():
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTHONPATH", "GLOO_SOCKET_IFNAME")}
     out = dry_run("--nproc", "2", "train.max_steps=5", env=env)
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    pattern = (rf"PYTHONPATH={ROOT} OMP_NUM_THREADS={threads} \S+/deepspeed --num_gpus 2 --master_port \d+ "
+    pattern = (rf"PYTHONPATH={ROOT} OMP_NUM_THREADS={threads} GLOO_SOCKET_IFNAME=lo \S+/deepspeed --num_gpus 2 "
+               rf"--master_addr 127\.0\.0\.1 --master_port \d+ "
                rf"--no_local_rank {ROOT}/launcher/rank.py {ROOT}/train/main.py "
                rf"--config configs/quickstart.yaml train.max_steps=5")
     assert out.returncode == 0 and re.fullmatch(pattern, out.stdout.strip()), out
