@@ -3,7 +3,11 @@
 gigatoken is a faster re-implementation of byte-level BPE. It is used only if, on a sample of the actual corpus,
 it produces exactly the ids of the reference `tokenizers` implementation; otherwise (or if it cannot load the
 tokenizer) we fall back to `tokenizers` and say why. Either way the ids are those of
-`tokenizers.Tokenizer.from_file(dir/tokenizer.json).encode(text, add_special_tokens=False)`.
+`tokenizers.Tokenizer.from_file(dir/tokenizer.json).encode(text, add_special_tokens=False)`, with padding and
+truncation off whatever tokenizer.json says: a model's tokenizer.json often carries its fine-tuning settings (a
+BERT's `padding: Fixed 128`, `truncation: 128`), which would pad every short document and silently cut every long
+one. A directory without tokenizer.json in the slow formats (`vocab.json` + `merges.txt`, `vocab.txt`, a
+SentencePiece `tokenizer.model`) is converted to a fast tokenizer by transformers, imported only then.
 
 The env var DATA_PREP_BACKEND=gigatoken|tokenizers forces a backend (tests use it to compare the two); forcing
 gigatoken still runs the sample check and fails if the ids differ.
@@ -26,15 +30,49 @@ BACKENDS = ("gigatoken", "tokenizers")
 BACKEND_ENV = "DATA_PREP_BACKEND"
 
 
+# Slow-format tokenizer files that transformers converts to a fast tokenizer (any one of them suffices to try).
+SLOW_FORMAT_FILES = ("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                     "sentencepiece.bpe.model")
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The directory's tokenizer with padding and truncation off (see the module docstring)."""
     path = Path(directory) / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"{directory}: no tokenizer.json; give a directory written by `python -m data_prep "
-                        "tokenizer` or a HuggingFace fast-tokenizer directory")
+    if path.is_file():
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+            raise DataError(f"{path}: cannot be loaded by tokenizers ({exc}); fix or regenerate the file") from None
+    else:
+        tokenizer = _convert_slow_format(Path(directory))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _convert_slow_format(directory: Path) -> Tokenizer:
+    """A fast tokenizer from a slow-format directory, through transformers' own conversion (the one
+    `AutoTokenizer.from_pretrained(directory)` applies), so the ids equal what the model's users get."""
+    if not directory.is_dir():
+        raise DataError(f"{directory}: tokenizer directory not found")
+    present = [name for name in SLOW_FORMAT_FILES if (directory / name).is_file()]
+    if not present:
+        raise DataError(f"{directory}: no tokenizer.json and no slow-format tokenizer files ({', '.join(SLOW_FORMAT_FILES)}); "
+                        "give a directory written by `python -m data_prep tokenizer` or a HuggingFace tokenizer "
+                        "directory")
+    from transformers import AutoTokenizer
+
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
-        raise DataError(f"{path}: cannot be loaded by tokenizers ({exc}); fix or regenerate the file") from None
+        loaded = AutoTokenizer.from_pretrained(str(directory), use_fast=True, local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds here (OSError, ValueError, ImportError, ...)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{directory}: transformers cannot load this tokenizer from {', '.join(present)} "
+                        f"({type(exc).__name__}: {message}); add its tokenizer_config.json (or tokenizer.json)") from None
+    if not getattr(loaded, "is_fast", False):
+        raise DataError(f"{directory}: transformers loads only a slow tokenizer ({type(loaded).__name__}) from "
+                        f"{', '.join(present)}; save a fast one with `AutoTokenizer.from_pretrained(dir)"
+                        ".save_pretrained(dir)` where the conversion's dependencies are installed")
+    return Tokenizer.from_str(loaded.backend_tokenizer.to_str())
 
 
 def _token_content(value) -> str | None:
@@ -46,7 +84,8 @@ def _token_content(value) -> str | None:
 
 def special_token_ids(directory: str | Path, tokenizer: Tokenizer) -> dict:
     """{"eos_id", "bos_id", "pad_id"} from tokenizer_config.json / special_tokens_map.json. eos is required (it
-    separates documents in the shards); `<|endoftext|>` is the fallback eos when the config names none."""
+    separates documents in the shards): the config's eos_token, else `<|endoftext|>` when the vocabulary has it,
+    else the config's sep_token (an encoder such as BERT ends every sequence with [SEP] and has no eos)."""
     directory = Path(directory)
     names: dict[str, str | None] = {}
     for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
@@ -56,10 +95,12 @@ def special_token_ids(directory: str | Path, tokenizer: Tokenizer) -> dict:
                 config = json.loads(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise DataError(f"{path}: not valid JSON ({exc}); fix or regenerate the file") from None
-            for key in ("eos_token", "bos_token", "pad_token"):
+            for key in ("eos_token", "bos_token", "pad_token", "sep_token"):
                 if _token_content(config.get(key)) is not None:
                     names[key] = _token_content(config[key])
-    names.setdefault("eos_token", "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None)
+    if "eos_token" not in names and tokenizer.token_to_id("<|endoftext|>") is not None:
+        names["eos_token"] = "<|endoftext|>"
+    names.setdefault("eos_token", names.get("sep_token"))
     ids = {}
     for key in ("eos_token", "bos_token", "pad_token"):
         name = names.get(key)
@@ -69,8 +110,8 @@ def special_token_ids(directory: str | Path, tokenizer: Tokenizer) -> dict:
                             "tokenizer_config.json")
         ids[key.replace("_token", "_id")] = token_id
     if ids["eos_id"] is None:
-        raise DataError(f"{directory}: the tokenizer has no eos_token (needed between documents); set eos_token in "
-                        "tokenizer_config.json")
+        raise DataError(f"{directory}: the tokenizer has no eos_token or sep_token (one is needed between "
+                        "documents); set eos_token in tokenizer_config.json to one of its special tokens")
     return ids
 
 
@@ -109,8 +150,9 @@ class TokenizerBackend:
             import gigatoken  # optional fast path: imported here so a missing/broken install only means fallback
 
             giga = gigatoken.Tokenizer(self.tokenizer)
-        except Exception as exc:
-            return None, f"gigatoken could not load this tokenizer ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # its message may carry a Rust source location on later lines: keep the first
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return None, f"gigatoken could not load this tokenizer ({type(exc).__name__}: {first_line})"
         sample = list(sample_texts)
         if not sample:
             return None, "no sample documents to check gigatoken against tokenizers"

@@ -1,0 +1,100 @@
+"""The conformance matrix: real tokenizer files of four families (tests/real_files.py), each through data_prep →
+2 training steps of a tiny random model of the matching architecture and vocabulary on 2 ranks → export → predict.
+
+The shards must hold exactly the ids transformers gives for each document (`AutoTokenizer.from_pretrained(dir)`,
+no special tokens) followed by the document separator, with nothing padded or cut whatever the tokenizer.json's
+own padding/truncation settings say (all-MiniLM-L6-v2's: pad and truncate to 128). Slow-format directories
+(GPT-2's vocab.json + merges.txt, Mistral's SentencePiece tokenizer.model) go through transformers' conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep.shards import ShardSet
+from tests.conftest import ROOT, run_training
+from tests.real_files import real_model_dir  # noqa: F401 (fixture)
+
+# A long document (BERT's tokenizer.json truncates at 128), accents, an emoji (byte fallback), newlines, code.
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 30,
+         "Café naïve résumé — 日本語のテキスト 🤗 emoji\nand a second line\n\n  indented",
+         "def main(argv):\n    return 0  # a comment",
+         "short", "Numbers 1234567 and symbols <>{}[]"]
+LABELS = ["pos", "neg", "pos", "neg", "pos"]
+TINY = {
+    "gpt2": ("gpt2", "{n_layer: 2, n_embd: 64, n_head: 2, n_positions: 512}"),
+    "llama": ("llama", "{num_hidden_layers: 2, hidden_size: 64, num_attention_heads: 2, num_key_value_heads: 2, "
+                       "intermediate_size: 128, max_position_embeddings: 512}"),
+    "mistral": ("mistral", "{num_hidden_layers: 2, hidden_size: 64, num_attention_heads: 2, num_key_value_heads: 1, "
+                           "intermediate_size: 128, max_position_embeddings: 512}"),
+    "bert": ("bert", "{num_hidden_layers: 2, hidden_size: 64, num_attention_heads: 2, intermediate_size: 128, "
+                     "max_position_embeddings: 512}"),
+}
+# family: (model architecture, task, vocabulary size, shard dtype)
+CASES = {
+    "bert": ("bert", "classification", 30522, "uint16"),
+    "gpt2": ("gpt2", "causal_lm", 50257, "uint16"),
+    "llama3": ("llama", "causal_lm", 128256, "uint32"),
+    "mistral": ("mistral", "causal_lm", 32000, "uint16"),
+}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_real_tokenizer_family_from_data_prep_to_predict(family, real_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = real_model_dir(family)
+    architecture, task, vocab_size, dtype = CASES[family]
+    corpus = tmp_path / "corpus.jsonl"
+    records = [{"text": t, "label": label} for t, label in zip(TEXTS * 8, LABELS * 8)]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kind = "classification" if task == "classification" else "text"
+    run("-m", "data_prep", "tokenize", "--input", str(corpus), "--tokenizer", str(model_dir), "--output",
+        str(tmp_path / "shards"), "--record-kind", kind)
+
+    manifest = json.loads((tmp_path / "shards/manifest.json").read_text())
+    assert (manifest["tokenizer"]["vocab_size"], manifest["dtype"]) == (vocab_size, dtype)
+    reference = AutoTokenizer.from_pretrained(str(model_dir))
+    eos = manifest["tokenizer"]["eos_id"]
+    assert eos == reference.convert_tokens_to_ids(reference.eos_token or reference.sep_token)
+    expected = [reference(r["text"], add_special_tokens=False)["input_ids"] + [eos] for r in records]
+    assert max(map(len, expected)) > 300  # past every truncation setting in the tokenizer files
+    shards = ShardSet(tmp_path / "shards")
+    stored = np.concatenate([np.asarray(shards.tokens(i)) for i in range(len(shards))]).tolist()
+    assert stored == [i for ids in expected for i in ids]
+
+    model_type, hf_config = TINY[architecture]
+    (tmp_path / "run.yaml").write_text(
+        f"task: {{kind: {task}}}\nmodel: {{model_type: {model_type}, hf_config: {hf_config}}}\n"
+        f"data: {{path: {tmp_path / 'shards'}, seq_len: {'512' if task == 'causal_lm' else '128'}, val_split: ''}}\n"
+        "train: {max_steps: 2, micro_batch_size: 2, log_every: 1, eval_every: 0, save_every: 0, "
+        "deepspeed_config: ds_configs/zero1.json}\n"
+        f"run: {{output_dir: {tmp_path}, name: run}}\n")
+    run_training(tmp_path / "run.yaml", [])
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+
+    run("-m", "train.export", str(tmp_path / "run"), "--output", str(tmp_path / "export"))
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert exported(TEXTS[1])["input_ids"] == reference(TEXTS[1])["input_ids"]  # the tokenizer travels with it
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[1:4]))
+    run("-m", "train.predict", str(tmp_path / "export"), "--input", str(tmp_path / "new.jsonl"), "--output",
+        str(tmp_path / "predicted.jsonl"), "--max-new-tokens", "4", "--device", "cpu")
+    predicted = [json.loads(line) for line in (tmp_path / "predicted.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in predicted] == TEXTS[1:4]
+    for p in predicted:
+        if task == "classification":
+            assert p["label"] in ("neg", "pos") and sum(p["probabilities"].values()) == pytest.approx(1.0)
+        else:
+            assert isinstance(p["generated"], str)
