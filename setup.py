@@ -16,6 +16,9 @@ setup(
         "transformers==5.23.0",
         "datasets==5.2.0",
         "tokenizers==0.23.3",
+        # SentencePiece tokenizer dirs (tokenizer.model, no tokenizer.json): transformers converts them with these
+        "sentencepiece==0.2.3",
+        "protobuf==7.36.2",
         "gigatoken==0.10.0",
         "awkward==2.14.0",  # data_prep reads gigatoken's awkward output zero-copy
         "orjson==3.13.0",  # jsonl parsing, about twice as fast as json.loads
@@ -23,6 +26,7 @@ setup(
         "Jinja2==3.1.6",  # chat templates for sft records
         "tensorboard==2.21.0",
         "safetensors==0.8.0",
+        "xxhash==4.1.0",  # checkpoint and export checksums (train.checkpoint); datasets needs it too
         "peft==0.21.2",
         "numpy==2.4.6",
         "pyarrow==26.0.1",
@@ -31,5 +35,5 @@ setup(
         "psutil==7.2.2",
         "matplotlib==3.11.2",  # python -m train.report
     ],
-    extras_require={"dev": ["pytest==9.2.0"]},
+    extras_require={"dev": ["pytest==9.2.0", "hypothesis==6.170.15"]},  # hypothesis: tests/unit/test_fuzz_inputs.py
 )

@@ -27,13 +27,26 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     """The input options shared by `tokenizer` and `tokenize` (both read the corpus the same way)."""
     p.add_argument("--input", nargs="+", required=True,
                    help="input files, directories or quoted globs: .jsonl/.jsonl.gz/.jsonl.zst (one JSON object per "
-                        "line), .parquet, .csv (header row), .txt (see --txt-mode)")
+                        "line), .parquet, .csv (header row), .txt (see --txt-mode); hf:DIR for a Hugging Face "
+                        "dataset saved with save_to_disk, hf:NAME[:CONFIG] for one in the local datasets cache")
+    p.add_argument("--hf-split", action="append", default=None, metavar="SPLIT",
+                   help="hf: inputs: read this split (repeat or comma-separate for several; default: the only split, "
+                        "else train)")
     p.add_argument("--text-field", action="append", default=None,
                    help="field/column holding the text (default: text); repeat to join several with --field-join")
     p.add_argument("--field-join", default="\n\n", help="string joining several --text-field values (default: "
                                                          "a blank line)")
     p.add_argument("--txt-mode", choices=("file", "paragraph"), default="file",
                    help=".txt inputs: one document per file (default) or per blank-line separated block")
+    p.add_argument("--max-record-mb", type=float, default=16.0,
+                   help="a record (jsonl line, txt document, csv field, parquet value) over this many MiB is a bad "
+                        "record (default 16; tokenizing one takes ~150x its size in memory)")
+
+
+def _hf_splits(args: argparse.Namespace) -> list[str] | None:
+    """--hf-split values, repeated and/or comma-separated, or None."""
+    names = [n.strip() for value in args.hf_split or [] for n in value.split(",") if n.strip()]
+    return names or None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,11 +82,17 @@ def _parser() -> argparse.ArgumentParser:
                         "chat_template (instead of --prompt-field/--response-field)")
     p.add_argument("--text-pair-field", default=None, help="classification: field holding the second text")
     p.add_argument("--label-field", default="label", help="classification: field holding the label (default: label)")
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="classification: integer labels are class ids in [0, N) (without it or --labels, integer "
+                        "labels must be below 10,000)")
     p.add_argument("--labels", default=None,
                    help="classification: comma-separated label set in id order (default: the sorted labels found)")
     p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
                    help="error (default): stop at the first malformed record, naming file and line; skip: skip and "
                         "count them by reason in the manifest")
+    p.add_argument("--splits-from-input", action="store_true",
+                   help="hf: inputs: their train / validation / test splits become our train / val / test splits "
+                        "(instead of --val-*/--test-*)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents for the val split")
     p.add_argument("--val-count", type=int, default=0, help="number of documents for the val split")
     p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of documents for the test split")
@@ -120,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.readers import expand_inputs
         from data_prep.train_tokenizer import train_tokenizer
 
-        train_tokenizer(expand_inputs(args.input), args.output, args.vocab_size, args.text_field or ["text"],
-                        args.model_max_length, txt_mode=args.txt_mode, field_join=args.field_join)
+        train_tokenizer(expand_inputs(args.input, _hf_splits(args)), args.output, args.vocab_size,
+                        args.text_field or ["text"], args.model_max_length, txt_mode=args.txt_mode,
+                        field_join=args.field_join, max_record_mb=args.max_record_mb)
     elif args.command == "tokenize":
         from data_prep.pipeline import tokenize_corpus
         from data_prep.records import RecordSpec
@@ -130,12 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                           field_join=args.field_join, prompt_field=args.prompt_field,
                           response_field=args.response_field, messages_field=args.messages_field,
                           text_pair_field=args.text_pair_field, label_field=args.label_field,
-                          labels=tuple(x.strip() for x in args.labels.split(",")) if args.labels else None,
+                          labels=tuple(x.strip() for x in args.labels.split(",")) if args.labels is not None
+                          else None, num_labels=args.num_labels, max_record_mb=args.max_record_mb,
                           txt_mode=args.txt_mode, on_bad=args.on_bad_record)
         tokenize_corpus(args.input, args.tokenizer, args.output, val_fraction=args.val_fraction,
                         shard_tokens=args.shard_tokens, batch_size=args.batch_size, spec=spec,
                         val_count=args.val_count, test_fraction=args.test_fraction, test_count=args.test_count,
-                        workers=args.workers, chunk_mb=args.chunk_mb, num_tasks=args.num_tasks, task_id=args.task_id)
+                        workers=args.workers, chunk_mb=args.chunk_mb, num_tasks=args.num_tasks, task_id=args.task_id,
+                        hf_splits=_hf_splits(args), splits_from_input=args.splits_from_input)
     elif args.command == "merge":
         from data_prep.pipeline import merge
 
@@ -166,6 +188,16 @@ if __name__ == "__main__":
         sys.exit(main())
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file is written under a temporary name and renamed when complete; the failed one was removed.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: no space left on device{where} ({exc.strerror}); nothing half-written was left: free space "
+              "or choose another output, then re-run the same command (finished work is kept)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -35,7 +35,7 @@ from data_prep.errors import DataError
 from data_prep.manifest import MANIFEST_NAME, build_manifest, load_manifest, tokenizer_fingerprint, write_manifest
 from data_prep.progress import Progress, log
 from data_prep.readers import Piece, ReadStats, Unit, expand_inputs, plan_units
-from data_prep.records import Example, Extractor, RecordSpec, chat_template_sha256
+from data_prep.records import MAX_UNDECLARED_LABELS, Example, Extractor, RecordSpec, chat_template_sha256
 from data_prep.shards import ShardWriter, dtype_for_vocab
 from data_prep.splits import SplitSpec
 
@@ -192,9 +192,13 @@ def _write_json(path: Path, data: dict) -> None:
     # Parts are scratch: renamed into place (safe against kills) but not fsynced; assembly checks their sizes, and
     # the shards and manifest made from them are fsynced.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _run_units(todo: list[tuple[int, Unit]], cfg: dict, workers: int, progress: Progress,
@@ -274,9 +278,32 @@ def _prepare_output_dir(output: Path) -> None:
         path.unlink()
 
 
+def input_stats(files: list[str]) -> list[list]:
+    """[path, size, modification time in ns] per input: an input edited in place, even at the same size, gets
+    another key, so its stale parts are never reused (a resume starts over, see `_ensure_state`)."""
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError as exc:
+            raise DataError(f"{f}: cannot be read ({exc.strerror})") from None
+        out.append([f, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _changed_input(old: list | None, new: list) -> str | None:
+    """The first input of `new` whose size or modification time differs from `old` (same path), or None."""
+    before = {f: (size, mtime) for f, size, mtime in old or []}
+    for f, size, mtime in new:
+        if f in before and before[f] != (size, mtime):
+            return f
+    return None
+
+
 def run_key(files: list[str], fingerprint: str, spec: RecordSpec, splits: SplitSpec, shard_tokens: int) -> str:
-    """sha256 of everything the output depends on: input paths and sizes, tokenizer, record spec, splits, sharding."""
-    desc = {"inputs": [[f, os.path.getsize(f)] for f in files], "tokenizer": fingerprint, "record": spec.as_dict(),
+    """sha256 of everything the output depends on: input paths, sizes and modification times, tokenizer, record
+    spec, splits, sharding."""
+    desc = {"inputs": input_stats(files), "tokenizer": fingerprint, "record": spec.as_dict(),
             "splits": splits.as_dict(), "shard_tokens": shard_tokens, "format": PART_VERSION}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
@@ -301,8 +328,8 @@ def _ensure_state(parts: Path, state: dict, num_tasks: int) -> None:
     parts.mkdir(parents=True, exist_ok=True)
     path = parts / STATE_NAME
     tmp = parts / f".{STATE_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
     try:
+        tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
         os.link(tmp, path)  # atomic create-if-absent: concurrent array tasks agree on one state file
     except FileExistsError:
         try:
@@ -310,11 +337,14 @@ def _ensure_state(parts: Path, state: dict, num_tasks: int) -> None:
         except (OSError, json.JSONDecodeError):
             existing = {}
         if existing.get("part_key") != state["part_key"]:
+            changed = _changed_input(existing.get("inputs"), state["inputs"])
+            why = (f"input {changed} changed (size or modification time) since they were written" if changed
+                   else "other inputs or arguments")
             if num_tasks > 1:
                 tmp.unlink()
-                raise DataError(f"{parts}: holds parts of a different run (other inputs or arguments); remove it "
-                                "before starting the array job")
-            log(f"{parts}: parts of a different run found; starting over")
+                raise DataError(f"{parts}: holds parts of a different run ({why}); remove {parts} and re-run every "
+                                "task of the array job")
+            log(f"{parts}: parts of a different run found ({why}); starting over")
             for p in parts.iterdir():
                 if p != tmp:
                     p.unlink()
@@ -351,9 +381,11 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
                     text_field: str | list[str] = "text", val_fraction: float = 0.0, shard_tokens: int = 50_000_000,
                     batch_size: int = 1024, backend: str | None = None, *, spec: RecordSpec | None = None,
                     val_count: int = 0, test_fraction: float = 0.0, test_count: int = 0, workers: int = 1,
-                    chunk_mb: float | None = None, num_tasks: int = 1, task_id: int = 0) -> dict | None:
+                    chunk_mb: float | None = None, num_tasks: int = 1, task_id: int = 0,
+                    hf_splits: list[str] | None = None, splits_from_input: bool = False) -> dict | None:
     """Tokenize `inputs` into shards under `output`; returns the manifest (None for a task of a multi-task run,
-    whose parts `merge` assembles)."""
+    whose parts `merge` assembles). `hf_splits` / `splits_from_input`: which splits of hf: inputs are read, and
+    whether their train / validation / test become ours (see `data_prep.hf_datasets`)."""
     if shard_tokens < 1 or batch_size < 1:
         raise DataError("--shard-tokens and --batch-size must be >= 1")
     if workers < 1:
@@ -365,9 +397,14 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
     if spec is None:
         spec = RecordSpec(text_fields=(text_field,) if isinstance(text_field, str) else tuple(text_field))
     spec.validate()
-    splits = SplitSpec(val_fraction, val_count, test_fraction, test_count)
+    splits = SplitSpec(val_fraction, val_count, test_fraction, test_count, from_input=splits_from_input)
     output = Path(output)
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, hf_splits, splits_from_input)
+    file_splits = None  # --splits-from-input: per file, the split code its documents keep
+    if splits.from_input or any(f.endswith(".arrow") for f in files):
+        from data_prep.hf_datasets import prepare
+
+        files, file_splits, spec = prepare(files, spec, splits.from_input)  # checks columns; ClassLabel names
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
     key = run_key(files, fingerprint, spec, splits, shard_tokens)
     check_output_dir(output)
@@ -383,7 +420,7 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
         chunk_bytes = auto_chunk_bytes(sum(os.path.getsize(f) for f in files))
     else:
         chunk_bytes = max(1, int(chunk_mb * (1 << 20)))
-    units = plan_units(files, chunk_bytes, spec.txt_mode)
+    units, unit_splits = _plan(files, file_splits, chunk_bytes, spec.txt_mode)
 
     hf = load_tokenizer(tokenizer_dir)
     special_ids = special_token_ids(tokenizer_dir, hf)
@@ -403,10 +440,15 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
     parts = output / PARTS_DIR
     part_key = hashlib.sha256(f"{key}/{chunk_bytes}/{len(units)}".encode()).hexdigest()
     state = {"part_key": part_key, "key": key, "num_units": len(units), "files": files,
+             "inputs": input_stats(files),
              "tokenizer_dir": str(tokenizer_dir), "fingerprint": fingerprint, "spec": spec.as_dict(),
              "splits": splits.as_dict(), "shard_tokens": shard_tokens, "dtype": dtype.name,
              "vocab_size": vocab_size, "special_ids": special_ids,
              "chat_template_sha256": chat_template_sha256(tokenizer_dir)}
+    if unit_splits is not None:
+        from data_prep.hf_datasets import input_splits
+
+        state.update(unit_splits=unit_splits, input_splits=input_splits(files, file_splits))
     _ensure_state(parts, state, num_tasks)
     mine = [(i, u) for i, u in enumerate(units) if i % num_tasks == task_id]
     todo = [(i, u) for i, u in mine if not _part_done(parts, i, part_key)]
@@ -426,6 +468,20 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
     manifest = assemble(output)
     progress.finish("; " + _summary(manifest))
     return manifest
+
+
+def _plan(files: list[str], file_splits: list[int] | None, chunk_bytes: int, txt_mode: str
+          ) -> tuple[list[Unit], list[int] | None]:
+    """The work units, and with --splits-from-input each unit's split code (each split is planned apart, so a unit
+    never holds documents of two splits)."""
+    if file_splits is None:
+        return plan_units(files, chunk_bytes, txt_mode), None
+    units, codes = [], []
+    for code in sorted(set(file_splits)):
+        planned = plan_units([f for f, c in zip(files, file_splits) if c == code], chunk_bytes, txt_mode)
+        units += planned
+        codes += [code] * len(planned)
+    return units, codes
 
 
 def _part_done(parts: Path, unit: int, part_key: str) -> bool:
@@ -475,6 +531,8 @@ def _label_table(metas: list[dict], spec: RecordSpec) -> tuple[list, list[np.nda
         labels = list(spec.labels)
         ids = {v: i for i, v in enumerate(labels)}
         lookup = lambda v: ids[v] if v in ids else int(v)  # noqa: E731  (an int label is an id into --labels)
+    elif spec.num_labels is not None:
+        labels, lookup = list(range(spec.num_labels)), int
     else:
         kinds = {type(v) for v in values}
         if len(kinds) > 1:
@@ -484,6 +542,10 @@ def _label_table(metas: list[dict], spec: RecordSpec) -> tuple[list, list[np.nda
             lookup = int
         else:
             labels = sorted(set(values))
+            if len(labels) > MAX_UNDECLARED_LABELS:
+                raise DataError(f"the data holds {len(labels):,} distinct labels, more than {MAX_UNDECLARED_LABELS:,}; "
+                                f"is --label-field {spec.label_field!r} the label? Pass --labels to declare the label "
+                                "set")
             ids = {v: i for i, v in enumerate(labels)}
             lookup = ids.__getitem__
     maps = [np.asarray([lookup(v) for v in m["label_values"]], dtype=np.int64) for m in metas]
@@ -515,7 +577,9 @@ def assemble(output: Path) -> dict:
     label_names, label_maps = _label_table(metas, spec) if with_labels else (None, None)
     dtype = np.dtype(state["dtype"])
     _prepare_output_dir(output)
-    names = splits.split_names()
+    unit_splits = state.get("unit_splits")  # --splits-from-input: the split of every unit
+    names = splits.split_names() if unit_splits is None else ["train"] + [
+        {1: "val", 2: "test"}[c] for c in sorted(set(unit_splits) - {0})]
     writers = {s: ShardWriter(output, s, dtype, state["shard_tokens"], with_mask, with_labels) for s in names}
     codes = {0: "train", 1: "val", 2: "test"}
     mask_tokens = dict.fromkeys(names, 0)
@@ -536,7 +600,8 @@ def assemble(output: Path) -> dict:
                 part_path(parts, i, "json").unlink(missing_ok=True)  # so that the re-run redoes this unit
                 raise DataError(f"{part_path(parts, i, 'tokens')}: part of unit {i} is damaged (a crash?); re-run "
                                 "the same command to redo it")
-            assign = splits.assign(ordinal, len(lengths), thresholds)
+            assign = splits.assign(ordinal, len(lengths), thresholds) if unit_splits is None else np.full(
+                len(lengths), unit_splits[i], dtype=np.uint8)
             ordinal += len(lengths)
             for code in np.unique(assign):
                 split = codes[int(code)]
@@ -558,12 +623,17 @@ def assemble(output: Path) -> dict:
         for writer in writers.values():
             writer.abort()
         raise
+    for split in names if unit_splits is not None else []:
+        if not entries[split]:
+            sources = ", ".join(state["input_splits"].get(split, [])) or "no split of the inputs"
+            raise DataError(f"--splits-from-input: our {split} split holds no documents (it is read from "
+                            f"{sources}); every record there is empty or bad, or the inputs have no train split")
     if not entries["train"]:
         raise DataError(f"--val-fraction {splits.val_fraction} left no training documents; lower it")
     if "test" in entries and not entries["test"]:
         raise DataError(f"--test-fraction {splits.test_fraction} left the test split empty ({total} documents); "
                         "raise it or use --test-count")
-    extra = {}
+    extra = {"input_splits": state["input_splits"]} if unit_splits is not None else {}
     if with_mask:
         extra["sft"] = {"format": "messages" if spec.messages_field else "prompt_response", "mask_dtype": "uint8",
                         "mask_tokens": mask_tokens}

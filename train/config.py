@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _finite(value: float) -> bool:
+    """A finite number (nan and inf fail every range check below)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class RunConfig:
     name: str = _field("", "Run name; the run directory is <output_dir>/<name>. Defaults to the config file's stem.")
@@ -49,6 +55,7 @@ class RunConfig:
         _require(self.resume in ("auto", "never", "require"), "run.resume",
                  f"must be 'auto', 'never' or 'require', got {self.resume!r}")
         _require(bool(self.output_dir), "run.output_dir", "must not be empty")
+        _require(0 <= self.seed < 2 ** 63, "run.seed", f"must be in [0, 2**63), got {self.seed}")
 
 
 TASKS = ("causal_lm", "sft", "classification")
@@ -119,6 +126,10 @@ class FinetuneConfig:
         _require(self.method in FINETUNE_METHODS, "finetune.method",
                  f"must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
         _require(self.lora_r >= 1, "finetune.lora_r", f"must be >= 1, got {self.lora_r}")
+        _require(_finite(self.lora_alpha) and self.lora_alpha > 0, "finetune.lora_alpha",
+                 f"must be > 0, got {self.lora_alpha}")
+        _require(all(isinstance(m, str) and m for m in self.lora_target_modules), "finetune.lora_target_modules",
+                 f"must be a list of module names, got {self.lora_target_modules}")
         _require(0.0 <= self.lora_dropout < 1.0, "finetune.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _require(self.freeze_bottom_layers >= 0, "finetune.freeze_bottom_layers",
                  f"must be >= 0, got {self.freeze_bottom_layers}")
@@ -145,6 +156,7 @@ class DataConfig:
     def __post_init__(self):
         _require(bool(self.path), "data.path", "is required: the output directory of `python -m data_prep tokenize`")
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(bool(self.train_split), "data.train_split", "must not be empty (the manifest split to train on)")
 
 
 @dataclass
@@ -158,12 +170,16 @@ class OptimConfig:
     grad_clip: float = _field(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
 
     def __post_init__(self):
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(_finite(self.lr) and self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+        _require(_finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+                 f"must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas), "optim.betas",
                  f"must be two numbers in [0, 1), got {self.betas}")
-        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _require(_finite(self.eps) and self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _require(_finite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
+                 f"must be >= 0, got {self.grad_clip}")
 
 
 @dataclass
@@ -174,7 +190,11 @@ class TrainConfig:
     micro_batch_size: int = _field(8, "Sequences per rank per forward/backward pass.")
     grad_accum_steps: int = _field(1, "Micro-batches accumulated per optimizer step. "
                                       "Global batch = micro_batch_size * grad_accum_steps * world size.")
-    precision: str = _field("bf16", "bf16, fp16 or fp32.")
+    precision: str = _field("auto", "auto: bf16 on a GPU that supports it, else fp16 (dynamic loss scaling); on CPU "
+                                    "bf16 only where its matmuls are fast (CPU flags and a short probe), else "
+                                    "fp32. bf16, fp16 or fp32 force one (fp16 does not run on CPU). The choice "
+                                    "and its reason are printed, kept in summary.json and the checkpoint; a "
+                                    "resumed run keeps its checkpoint's precision.")
     deepspeed_config: str = _field("ds_configs/zero2.json", "ZeRO preset from ds_configs/; batch sizes, precision "
                                                             "and clipping are injected from this run config.")
     log_every: int = _field(10, "Optimizer steps between log lines / TensorBoard points.")
@@ -215,8 +235,8 @@ class TrainConfig:
         for key in ("eval_every", "save_every", "keep_last", "keep_every", "nonfinite_max_rollbacks", "epochs",
                     "eval_batches", "early_stopping_patience"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
-        _require(self.precision in ("bf16", "fp16", "fp32"), "train.precision",
-                 f"must be bf16, fp16 or fp32, got {self.precision!r}")
+        _require(self.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
+                 f"must be auto, bf16, fp16 or fp32, got {self.precision!r}")
 
 
 @dataclass
@@ -248,7 +268,14 @@ class Config:
 _SECTION_CLASSES = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "finetune": FinetuneConfig,
                     "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 
+
+def _one_line(text: str) -> str:
+    """`text` for an error message: as is, or with control characters (a newline in an override) escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _unknown_key(source: str, key: str, valid: list[str]) -> ConfigError:
+    key = _one_line(str(key))  # YAML keys may be numbers, booleans or null
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"{source}: unknown key '{key}'{suggestion}")
@@ -258,20 +285,82 @@ def _all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _check_duplicates(loader: yaml.SafeLoader, node: yaml.Node, prefix: str, visited: set) -> None:
+    """Raise _DuplicateKey for a key given twice in one mapping (PyYAML would silently keep the last one, so a
+    second `train:` section would drop the first). Keys are named dotted from the root (`train.max_steps`)."""
+    if id(node) in visited:  # an alias to a node already checked (also ends recursive structures)
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key_node, value_node in node.value:
+            name = prefix
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = loader.construct_object(key_node, deep=True)
+                name = f"{prefix}{key}"
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise _DuplicateKey(name, first[key], line)
+                first[key] = line
+            _check_duplicates(loader, value_node, name + "." if name else "", visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicates(loader, item, prefix, visited)
+
+
+def _yaml_load(text: str):
+    """yaml.safe_load that refuses duplicate keys (_DuplicateKey)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(loader, node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError, with_line: bool = True) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if with_line else f"column {mark.column + 1}"
+    context = getattr(exc, "context", None)
+    return f"{problem} at {where}" + (f", {context}" if context else "")
+
+
 def apply_override(raw: dict, override: str) -> None:
     """Apply one `section.key=value` (value parsed as YAML) to the raw nested dict."""
+    shown = _one_line(override)
     if "=" not in override:
-        raise ConfigError(f"override '{override}': expected section.key=value, e.g. train.max_steps=100")
+        raise ConfigError(f"override '{shown}': expected section.key=value, e.g. train.max_steps=100")
     dotted, value = override.split("=", 1)
     parts = dotted.strip().split(".")
-    if len(parts) < 2:
-        raise ConfigError(f"override '{override}': expected section.key=value, e.g. train.max_steps=100")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override '{shown}': expected section.key=value, e.g. train.max_steps=100")
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`train:` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{override}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+            raise ConfigError(f"override '{shown}': '{_one_line(part)}' is not a section")
+    try:
+        node[parts[-1]] = _yaml_load(value)
+    except _DuplicateKey as dup:
+        raise ConfigError(f"override '{shown}': duplicate key '{_one_line(dup.key)}' in the value; "
+                          "keep one") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{shown}': the value is not valid YAML ({_yaml_problem(exc, False)}); "
+                          "quote a value that holds YAML syntax, e.g. 'run.name=\"[x]\"'") from None
 
 
 def _coerce(source: str, key: str, value: Any, expected: type) -> Any:
@@ -280,8 +369,10 @@ def _coerce(source: str, key: str, value: Any, expected: type) -> Any:
     if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
+    elif expected is str and value is None:  # `data.val_split=` / `val_split:` (YAML null) means empty
+        return ""
     elif expected is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if typing.get_origin(expected) in (typing.Union, types.UnionType):  # `float | None`
@@ -303,7 +394,7 @@ def from_dict(raw: dict, source: str = "config") -> Config:
         if name not in _SECTION_CLASSES:
             raise _unknown_key(source, name, list(_SECTION_CLASSES))
         cls = _SECTION_CLASSES[name]
-        values = values or {}
+        values = {} if values is None else values
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(values).__name__}")
         types = typing.get_type_hints(cls)
@@ -321,12 +412,32 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save the config "
+                          "as UTF-8") from None
+    try:
+        raw = _yaml_load(text)
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{path}: duplicate key '{_one_line(dup.key)}' at lines {dup.first} and {dup.second}; keep "
+                          "one (YAML would silently use the last)") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        what = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(raw), "value")
+        raise ConfigError(f"{path}: must be a YAML mapping of sections ({', '.join(_SECTION_CLASSES)}), got a "
+                          f"{what}")
     for override in overrides:
         apply_override(raw, override)
-    raw.setdefault("run", {})
+    if raw.get("run") is None:
+        raw["run"] = {}
     if isinstance(raw["run"], dict) and not raw["run"].get("name"):
         raw["run"]["name"] = path.stem
     return from_dict(raw, source=str(path))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from train.config import Config
 from train.errors import ConfigError
+from train.precision import CONCRETE
 
 INJECTED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
@@ -31,6 +32,14 @@ def load_preset(path: str | Path) -> dict:
         preset = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(preset, dict):
+        raise ConfigError(f"{path}: a DeepSpeed preset is a JSON object ({{...}}), got a {type(preset).__name__}")
+    zero = preset.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: zero_optimization must be a JSON object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     clashes = [key for key in INJECTED_KEYS if key in preset]
     if clashes:
         raise ConfigError(f"{path}: sets {', '.join(clashes)}, which come from the run config (train.* / optim.*); "
@@ -45,8 +54,11 @@ def build(cfg: Config, world_size: int) -> dict:
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
     ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
     ds["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.train.precision not in CONCRETE:
+        raise ValueError(f"train.precision {cfg.train.precision!r} must be resolved first (train.precision.resolve)")
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
-    ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "initial_scale_power": 16}
+    # loss_scale 0: dynamic loss scaling, starting at 2**16 and halved on each overflow.
+    ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}
     return ds
 
 

@@ -27,7 +27,15 @@ LoRA runs: merged into the base weights (`merge_and_unload`) by default; `--no-m
 the tokenizer and prints how to load it over the base model.
 
 The directory is written under a temporary name next to DIR and renamed at the end; an interrupted export leaves
-nothing half-written at DIR. Errors a user can fix print one line `error: ...` and exit with code 2.
+nothing half-written at DIR. `export.json` records every file's xxh3-128 checksum; `train.predict` checks them.
+`--overwrite` replaces only an earlier export (a directory holding our `export.json`): never the run directory or a
+directory holding it, the current directory or one of its parents, the run's base model or tokenizer, a symbolic
+link, or any other directory. Errors a user can fix print one line `error: ...` and exit with code 2.
+
+The checkpoint is checked before anything in it is unpickled (train.checkpoint.verify, docs/security.md): its name is
+`step_<N>` (`--step best` reads `checkpoints/best`, which must hold exactly that), it is a real directory in
+`RUN_DIR/checkpoints/` with no symbolic link inside, and every file matches the size and checksum in its
+`checkpoint.json`.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ if __package__ in (None, ""):  # `python train/export.py`: make the project root
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from train.checkpoint import BEST, LATEST, Checkpointer, tag_for, verify  # noqa: E402
+from train.checkpoint import BEST, CHECKSUM, LATEST, Checkpointer, file_checksum, tag_for, verify  # noqa: E402
 from train.errors import RunError  # noqa: E402
 
 EXPORT_INFO = "export.json"  # where an export came from; train.predict reads it
@@ -107,18 +115,21 @@ def resolve_checkpoint(run_dir: str | Path, step: str | int = "latest") -> str:
             raise ExportError(f"{run_dir}: no complete checkpoint in {directory} (steps on disk: {available})")
         return found[0]
     if step == BEST:
-        tag = checkpointer.best_tag()
+        tag, problem = checkpointer.pointer(BEST)
+        if problem:
+            raise ExportError(f"--step best: {problem}; refusing to load it (use --step latest or a step number)")
         if tag is None:
             raise ExportError(f"{run_dir}: no best checkpoint ({directory / BEST} does not exist: the run did not "
                               "track train.best_metric, or has not evaluated yet); use --step latest or a step number")
     else:
         tag = tag_for(int(step))
     path = directory / tag
-    if not path.is_dir():
+    if not path.is_dir() and not path.is_symlink():
         raise ExportError(f"{run_dir}: no checkpoint {tag} (steps on disk: {available})")
     problem = verify(path)
     if problem is not None:
-        raise ExportError(f"{path}: incomplete or damaged checkpoint: {problem}")
+        raise ExportError(f"{path}: refusing this checkpoint, it is incomplete, damaged or not the run's own: "
+                          f"{problem}")
     return tag
 
 
@@ -290,11 +301,11 @@ def load_trained_model(run_dir: str | Path, step: str | int = "latest") -> Train
 
 
 def _tokenizer_dir(manifest: dict) -> Path:
-    from data_prep.manifest import tokenizer_fingerprint
+    from data_prep.manifest import tokenizer_files, tokenizer_fingerprint
 
     info = manifest["tokenizer"]
     path = Path(info["path"])
-    if not (path / "tokenizer.json").is_file():
+    if not path.is_dir() or not tokenizer_files(path):  # tokenizer.json, or a slow format (vocab.json + merges.txt...)
         raise ExportError(f"the run's tokenizer {path} (data_manifest.json tokenizer.path) is gone; an export without "
                           "the tokenizer the shards were made with would be unusable. Restore that directory")
     if info.get("fingerprint") and tokenizer_fingerprint(path) != info["fingerprint"]:
@@ -311,6 +322,14 @@ def _copy_tokenizer(source: Path, target: Path) -> list[str]:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
             copied.append(name)
+    if "tokenizer.json" not in copied:
+        # A slow-format tokenizer (vocab.json + merges.txt, tokenizer.model): also write the fast tokenizer data_prep
+        # converted it to. Without it transformers picks the tokenizer class from config.json's model type, which
+        # for some (a Mistral with only tokenizer.model) is a generic class that encodes differently.
+        from data_prep.backend import load_tokenizer
+
+        load_tokenizer(source).save(str(target / "tokenizer.json"))
+        copied.append("tokenizer.json")
     return copied
 
 
@@ -370,14 +389,64 @@ def _load_hint(kind: str, output: Path, info: dict) -> str:
             f"(or export without --no-merge for a standalone model that plain {auto}.from_pretrained loads)")
 
 
+def is_export(directory: Path) -> bool:
+    """Whether `directory` is a real directory written by train.export (holds our export.json)."""
+    info = directory / EXPORT_INFO
+    if directory.is_symlink() or not directory.is_dir() or info.is_symlink() or not info.is_file():
+        return False
+    try:
+        data = json.loads(info.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(data, dict) and {"format", "run_dir", "checkpoint"} <= data.keys()
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def check_output(output: Path, overwrite: bool, run_dir: Path | None = None, protected: dict | None = None) -> Path:
+    """The absolute --output path, if writing there is allowed; ExportError (one line) otherwise. `protected`:
+    {description: path} of directories --overwrite must never replace (the run's base model, tokenizer)."""
+    shown = output
+    output = Path(os.path.abspath(output))
+    real, cwd = output.resolve(), Path.cwd().resolve()
+    if _inside(cwd, real):
+        where = "the current directory" if real == cwd else "a parent of the current directory"
+        raise ExportError(f"--output {shown} is {where}; give a new directory to write the model to, e.g. "
+                          "--output models/<name>")
+    if not (output.exists() or output.is_symlink()):
+        return output
+    if not overwrite:
+        if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+            return output  # an empty directory is filled
+        raise ExportError(f"--output {shown} exists; choose a new directory or pass --overwrite (which replaces "
+                          "only an earlier export)")
+    if output.is_symlink():
+        raise ExportError(f"--output {shown} is a symbolic link; --overwrite replaces only a directory written by "
+                          "train.export")
+    if run_dir is not None and _inside(Path(run_dir).resolve(), real):
+        what = "the run directory" if real == Path(run_dir).resolve() else "a directory holding the run directory"
+        raise ExportError(f"--output {shown} is {what} {run_dir}; --overwrite never replaces it")
+    for what, path in (protected or {}).items():
+        if path is not None and _inside(Path(path).resolve(), real):
+            raise ExportError(f"--output {shown} holds {what} {path}; --overwrite never replaces it")
+    if output.is_dir() and not any(output.iterdir()):
+        return output
+    if not is_export(output):
+        raise ExportError(f"--output {shown} is not an earlier export (no {EXPORT_INFO} written by train.export); "
+                          "--overwrite replaces only those. Choose a new directory")
+    return output
+
+
 def export_model(run_dir: str | Path, output: str | Path, step: str | int = "latest", merge: bool = True,
                  overwrite: bool = False, log=print) -> Path:
     """Export checkpoint `step` of `run_dir` to the HF model dir `output`; returns `output`."""
-    output = Path(output)
     check_step(step)
-    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise ExportError(f"--output {output} exists; choose a new directory or pass --overwrite")
     cfg, manifest = load_run(run_dir)
+    output = check_output(Path(output), overwrite, run_dir, {
+        "the run's base model (model.path)": cfg.model.path if cfg.model.init == "pretrained" else None,
+        "the run's tokenizer": manifest.get("tokenizer", {}).get("path")})
     lora = cfg.finetune.method == "lora"
     if not merge and not lora:
         raise ExportError(f"--no-merge keeps a LoRA adapter, but {run_dir} trained with finetune.method="
@@ -406,6 +475,7 @@ def export_model(run_dir: str | Path, output: str | Path, step: str | int = "lat
             model.config.use_cache = True  # training turns the KV cache off; generation wants it
             model.save_pretrained(tmp)
         _copy_tokenizer(tokenizer_dir, tmp)
+        info[CHECKSUM] = {path.name: file_checksum(path) for path in sorted(tmp.iterdir()) if path.is_file()}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         if output.exists():
@@ -435,7 +505,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="directory to write (must not exist, see --overwrite)")
     parser.add_argument("--no-merge", action="store_true",
                         help="LoRA runs: write the PEFT adapter instead of merging it into the base weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it is an earlier export (a directory holding export.json)")
     return parser.parse_args(argv)
 
 

@@ -31,6 +31,32 @@ def parse_args(argv=None):
     return args
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Create the run directory if needed and make sure the run can write there (and into what an earlier run left:
+    checkpoints/, tb/, metrics.jsonl), before any process group starts or any model is built."""
+    from train.errors import ConfigError
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run directory {run_dir} ({exc.strerror}); choose another "
+                          "run.output_dir or run.name") from None
+    import tempfile
+
+    for path in (run_dir, run_dir / "checkpoints", run_dir / "tb", run_dir / "metrics.jsonl"):
+        try:  # a real write (os.access is wrong on read-only mounts and for root)
+            if path.is_dir():
+                fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+                os.close(fd)
+                os.unlink(probe)
+            elif path.is_file():
+                open(path, "ab").close()
+        except OSError as exc:
+            raise ConfigError(f"{path} is not writable ({exc.strerror}): the run directory {run_dir} must be "
+                              "writable by this user (fix its permissions, or choose another run.output_dir or "
+                              "run.name)") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.help_config:
@@ -40,6 +66,10 @@ def main(argv=None) -> int:
     trainer = None
     try:
         cfg = config_lib.load(args.config, args.overrides)
+        from train import ds_config
+
+        ds_config.load_preset(cfg.train.deepspeed_config)  # a bad preset fails here, not after the ranks started
+        check_run_dir(cfg.run_dir)
         from train import preemption
         from train.trainer import Trainer  # heavy imports (deepspeed, transformers) only once the config is valid
 

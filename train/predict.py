@@ -21,7 +21,13 @@ to the ones the shards were made with (`export.json` -> `record`), else text / p
 
 Input: `.jsonl` (also `.jsonl.gz`, `.jsonl.zst`, `.csv`, `.parquet`), streamed: only one batch is in memory. The
 output is written to a temporary file next to it and renamed when complete. A bad record stops the run with
-`error: <file>:<line>: <reason>` and exit code 2.
+`error: <file>:<line>: <reason>` and exit code 2; so does an empty prompt for a causal LM (one that encodes to no
+tokens, e.g. `{"text": ""}`): there is nothing to continue. (An empty classification text is classified: it
+encodes to `[eos]`, as data_prep encodes it.)
+
+Model directories load safetensors only. The files of an export are checked against the xxh3-128 checksums in its
+`export.json` before loading (a changed or damaged file is an error: export again); a run directory's checkpoint is
+verified by `train.export` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -59,15 +65,17 @@ class Predictor:
     def __init__(self, directory: str | Path, device: str = "cpu", text_fields: list[str] | None = None,
                  text_pair_field: str | None = None, prompt_field: str | None = None, max_length: int | None = None):
         from data_prep.backend import TokenizerBackend
+        from data_prep.manifest import tokenizer_files
         from data_prep.records import Extractor, RecordSpec
 
         directory = Path(directory)
         self.directory = directory
         info_path = directory / "export.json"
         self.info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        if not (directory / "tokenizer.json").is_file():
-            raise PredictError(f"{directory}: no tokenizer.json; give a directory written by `python -m train.export`"
-                               " or a run directory")
+        self._check_files(directory)
+        if not tokenizer_files(directory):  # tokenizer.json, or a slow format (vocab.json + merges.txt, ...)
+            raise PredictError(f"{directory}: no tokenizer files; give a directory written by `python -m "
+                               "train.export` or a run directory")
         self.model, self.classify = self._load_model(directory)
         self.model.to(device).eval()
         self.device = device
@@ -101,6 +109,23 @@ class Predictor:
             spec = replace(spec, prompt_field=spec.text_fields[0])  # a causal LM continues its training text field
         self.spec = spec
         self.extractor = Extractor(spec)
+
+    def _check_files(self, directory: Path) -> None:
+        """An export's files must match the checksums its export.json records (older exports and plain HF model
+        directories record none)."""
+        from train.checkpoint import CHECKSUM, file_checksum
+
+        recorded = self.info.get(CHECKSUM)
+        if not isinstance(recorded, dict):
+            return
+        for name, digest in sorted(recorded.items()):
+            path = directory / name
+            if Path(name).name != name or path.is_symlink() or not path.is_file():
+                raise PredictError(f"{path}: listed in export.json but missing (or not a regular file); export the "
+                                   "run again")
+            if file_checksum(path) != digest:
+                raise PredictError(f"{path}: content differs from its checksum in export.json (changed or damaged "
+                                   "since the export); export the run again")
 
     def _load_model(self, directory: Path):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -296,6 +321,9 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
                     except _Bad as bad:
                         raise DataError(f"{location(piece, number)}: {bad.message}") from None
                     if not predictor.classify:
+                        if not ids:
+                            raise DataError(f"{location(piece, number)}: the prompt ({predictor.spec.prompt_field}) "
+                                            "is empty: it encodes to no tokens, so there is nothing to continue")
                         ids, cut = predictor.fit_prompt(ids, max_new_tokens)
                         counts["prompts_cut"] += cut
                     pending.append((record, ids))

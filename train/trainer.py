@@ -22,6 +22,7 @@ from pathlib import Path
 import deepspeed
 import numpy as np
 import psutil
+from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 import torch
@@ -30,6 +31,7 @@ import yaml
 
 from train import ds_config as ds_config_lib
 from train import faults, preemption, resume, tasks
+from train import precision as precision_lib
 from train.best import BestTracker
 from train.checkpoint import Checkpointer, write_atomic
 from train.config import RECORD_KIND_OF_TASK, Config
@@ -100,7 +102,6 @@ class Trainer:
         self.steps_per_epoch, self.max_steps = run_steps(cfg, len(self.train_items), self.sampler.global_batch)
         self.tokenizer_fingerprint = manifest["tokenizer"]["fingerprint"]
 
-        ds_config = ds_config_lib.build(cfg, self.world_size)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.rank, cfg.train.keep_last,
                                          cfg.train.keep_every)
         found = self.checkpointer.find_latest()
@@ -109,6 +110,11 @@ class Trainer:
                               "choose another run.name or set run.resume=auto")
         if not found and cfg.run.resume == "require":
             raise ConfigError(f"run.resume: 'require' but {self.checkpointer.directory} has no complete checkpoint")
+        # From here on cfg.train.precision is the concrete precision (auto resolved), in config.yaml and the
+        # checkpoint's identity too, so a resume compares what was actually trained.
+        self.precision = self._resolve_precision(found)
+        self.cfg = cfg = precision_lib.with_precision(cfg, self.precision.precision)
+        ds_config = ds_config_lib.build(cfg, self.world_size)
         load_tag = None
         self.config_changes = []
         if found:
@@ -137,7 +143,7 @@ class Trainer:
         if cfg.train.fast_cpu_dropout and not torch.cuda.is_available():
             use_cpu_dropout(model)
         if ds_config_lib.zero_stage(ds_config) == 3 and cfg.train.precision != "fp32":
-            cast_unpartitioned(model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
+            cast_unpartitioned(model, precision_lib.dtype_of(cfg.train.precision))
         self.trainable_params, self.total_params = count_parameters(model)
         self.flops = model_flops(model, cfg.data.seq_len)
         o = cfg.optim
@@ -177,10 +183,35 @@ class Trainer:
             write_atomic(self.run_dir / "data_manifest.json", json.dumps(manifest, indent=1).encode())
             self.metrics.text("config", f"```\n{resolved}\n```")
 
+    def _resolve_precision(self, found: tuple[str, dict] | None) -> precision_lib.Choice:
+        """Collective: rank 0 resolves train.precision for this hardware (or keeps the checkpoint's on resume) and
+        every rank takes its answer, so that all ranks train in one precision (or fail together)."""
+        answer: list = [None]
+        if self.rank == 0:
+            device = torch.device(get_accelerator().current_device_name())
+            requested = self.cfg.train.precision
+            try:
+                if found and requested == "auto":
+                    trained = found[1]["identity"]["train"]["precision"]
+                    checkpoint = self.checkpointer.directory / found[0]
+                    warning = precision_lib.check_runnable(trained, device, str(checkpoint))
+                    answer[0] = precision_lib.Choice(trained, requested, f"kept from {checkpoint} (a resumed run "
+                                                     "keeps the precision it was trained in)", warning)
+                else:  # an explicit precision that differs from the checkpoint's fails in resume.check_compatible
+                    answer[0] = precision_lib.resolve(requested, device)
+            except ConfigError as exc:
+                answer[0] = str(exc)
+        dist.broadcast_object_list(answer, src=0)
+        if isinstance(answer[0], str):
+            raise ConfigError(answer[0])
+        if answer[0].warning and self.rank == 0:
+            print(answer[0].warning, file=sys.stderr, flush=True)
+        return answer[0]
+
     def _peak_flops(self) -> tuple[float, str]:
         """Peak FLOP/s of one rank (train.flops: a GPU table or a short matmul probe, all ranks at once so that
         they share the host as in training), averaged over the ranks; and where rank 0's number came from."""
-        peak, source = peak_flops(self.engine.device, self.cfg.train.precision)
+        peak, source = peak_flops(self.engine.device, self.precision.peak_precision)
         total = torch.tensor([peak], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(total)
         return total.item() / self.world_size, source
@@ -236,7 +267,7 @@ class Trainer:
         start = time.perf_counter()
         path = self.checkpointer.save(self.engine, self.step, client_state,
                                       meta={"world_size": self.world_size, "config_fingerprint": self.cfg.fingerprint(),
-                                            "identity": self._identity()})
+                                            "identity": self._identity(), "precision": self.precision.as_dict()})
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
         seconds = time.perf_counter() - start
         self.metrics.log(self.step, {"ckpt/save_seconds": seconds})
@@ -305,8 +336,12 @@ class Trainer:
         self._step_flags[2] = tokens
         dist.all_reduce(self._step_flags)
         signalled, nonfinite, step_tokens = self._step_flags.tolist()
-        # DeepSpeed skips an update whose gradients overflow (bf16/fp16, every ZeRO stage): non-finite too.
-        return bool(signalled), bool(nonfinite) or not self.engine.was_step_applied(), step_tokens
+        # DeepSpeed skips an update whose gradients overflow (bf16/fp16, every ZeRO stage): non-finite too. Under
+        # fp16 an overflow with a finite loss is the dynamic loss scaler at work (it lowers the scale and skips the
+        # step, often a few times at the start), not a diverging run.
+        overflow_is_nonfinite = self.cfg.train.precision != "fp16"
+        skipped = not self.engine.was_step_applied()
+        return bool(signalled), bool(nonfinite) or (skipped and overflow_is_nonfinite), step_tokens
 
     def _on_nonfinite(self) -> bool:
         """The update was skipped (DeepSpeed found non-finite gradients) or, where DeepSpeed applies it anyway
@@ -423,7 +458,8 @@ class Trainer:
             f"({self.trainable_params:,} trainable) | {self.kind}, {cfg.model.init}, {cfg.finetune.method} | global "
             f"batch {self.sampler.global_batch} | {len(self.train_items):,} training items, "
             f"{self.steps_per_epoch:,} steps per epoch, {self.max_steps:,} steps"
-            + (f" | resumed from {self.resumed_from}" if self.resumed_from else ""))
+            + (f" | resumed from {self.resumed_from}" if self.resumed_from else "")
+            + f"\nprecision {self.precision.precision} ({self.precision.reason})")
         if self.config_changes:
             self.metrics.print(f"resumed with changed settings: {'; '.join(self.config_changes)}")
         for part in self.blend or []:
@@ -507,6 +543,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks, "blend": self.blend,
             "trainable_parameters": self.trainable_params, "flops_per_token": self.flops.flops_per_token,
             "peak_flops_per_rank": self.peak_flops, "peak_flops_source": self.peak_flops_source,
+            "peak_flops_precision": self.precision.peak_precision, "precision": self.precision.as_dict(),
             "mean_mfu": self._mfu(mean_tokens_per_s) if mean_tokens_per_s is not None else None,
             "peak_rss_gb": rss_gb, "rss_before_model_gb": self.rss_before_model_gb, "peak_gpu_mem_gb": gpu_gb,
             "best": ({"metric": best.metric, "mode": best.mode, "value": best.best_value, "step": best.best_step}

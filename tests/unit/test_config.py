@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import torch
 
-from train import config, ds_config
+from train import config, ds_config, precision
 from train.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ def test_unknown_section_and_override_typo(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("train.max_steps=0", "train.max_steps: must be >= 1, got 0"),
-    ("train.precision=fp8", "train.precision: must be bf16, fp16 or fp32, got 'fp8'"),
+    ("train.precision=fp8", "train.precision: must be auto, bf16, fp16 or fp32, got 'fp8'"),
     ("optim.min_lr=1.0", "optim.min_lr: must be in [0, optim.lr], got 1.0"),
     ("run.resume=maybe", "run.resume: must be 'auto', 'never' or 'require', got 'maybe'"),
     ("train.micro_batch_size=two", "train.micro_batch_size must be int, got str 'two'"),
@@ -78,9 +79,19 @@ def test_batch_sizes_precision_and_clipping_are_injected_once(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_parses(recipe):
+def test_every_shipped_recipe_parses_and_runs_on_any_hardware(recipe):
     cfg = config.load(recipe)
-    ds_config.build(cfg, world_size=2)
+    assert cfg.train.precision == "auto"  # no recipe hard-codes a precision some hardware lacks
+    resolved = precision.resolve(cfg.train.precision, torch.device("cpu")).precision
+    ds = ds_config.build(precision.with_precision(cfg, resolved), world_size=2)
+    assert ds["bf16"]["enabled"] == (resolved == "bf16") and ds["fp16"]["enabled"] is False
+
+
+def test_an_unresolved_precision_never_reaches_deepspeed(tmp_path):
+    cfg = config.load(write(tmp_path, "data: {path: shards}\n"))
+    assert cfg.train.precision == "auto"  # the default
+    with pytest.raises(ValueError, match="must be resolved first"):
+        ds_config.build(cfg, world_size=2)
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
