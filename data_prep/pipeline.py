@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.backend import TokenizerBackend, special_token_ids, load_tokenizer
+from data_prep.encode import encode_examples, read_framing, with_type_ids
 from data_prep.errors import DataError
 from data_prep.manifest import MANIFEST_NAME, build_manifest, load_manifest, tokenizer_fingerprint, write_manifest
 from data_prep.progress import Progress, log
 from data_prep.readers import Piece, ReadStats, Unit, expand_inputs, plan_units
-from data_prep.records import MAX_UNDECLARED_LABELS, Example, Extractor, RecordSpec, chat_template_sha256
+from data_prep.records import MAX_UNDECLARED_LABELS, Extractor, RecordSpec, chat_template_sha256
 from data_prep.shards import ShardWriter, dtype_for_vocab
 from data_prep.splits import SplitSpec
 
@@ -55,50 +56,8 @@ MIN_MB_PER_PROCESS = 256
 AUTO_CHUNKS = 16
 PARTS_DIR = ".parts"
 STATE_NAME = "state.json"
-PART_VERSION = 1
+PART_VERSION = 2  # 2: records framed as the tokenizer's post-processor frames them (data_prep.encode)
 UNIT_DELAY_ENV = "DATA_PREP_TEST_UNIT_DELAY"  # testing aid: seconds each unit sleeps after writing its part
-
-
-# ---------------------------------------------------------------------------------------------- encoding
-
-
-def encode_examples(encoder: TokenizerBackend, examples: list[Example], dtype: np.dtype, eos: int,
-                    with_mask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(tokens, doc lengths, mask) of a batch: each example's segments encoded separately and concatenated, a
-    separator (eos) between the two texts of a classification pair, eos after every document. The mask is 1 on
-    trainable segments and on the final eos. No per-token Python loop."""
-    if all(len(e.segments) == 1 for e in examples):  # text / single-text classification: the common fast path
-        flat, lengths = encoder.encode_batch([e.segments[0] for e in examples])
-        _check_ids(flat, encoder)
-        tokens = np.insert(flat.astype(dtype), np.cumsum(lengths), eos)  # eos after every document
-        mask = np.ones(len(tokens), dtype=np.uint8) if with_mask else None
-        return tokens, lengths + 1, mask
-    texts, trainable, doc_of = [], [], []
-    for d, example in enumerate(examples):
-        texts += example.segments
-        trainable += example.trainable if example.trainable is not None else [True] * len(example.segments)
-        doc_of += [d] * len(example.segments)
-    flat, seg_lengths = encoder.encode_batch(texts)
-    _check_ids(flat, encoder)
-    doc_of = np.asarray(doc_of, dtype=np.int64)
-    is_last = np.append(doc_of[1:] != doc_of[:-1], True)
-    # Every segment but a document's last gets a separator only for classification pairs (no trainable flags).
-    appends = is_last | np.asarray([e.trainable is None for e in examples], dtype=bool)[doc_of]
-    positions = np.cumsum(seg_lengths)[appends]
-    tokens = np.insert(flat.astype(dtype), positions, np.asarray(eos, dtype=dtype))
-    seg_total = seg_lengths + appends
-    first_seg = np.flatnonzero(np.append(True, doc_of[1:] != doc_of[:-1]))
-    lengths = np.add.reduceat(seg_total, first_seg)
-    mask = None
-    if with_mask:
-        mask = np.insert(np.repeat(np.asarray(trainable, dtype=np.uint8), seg_lengths), positions, np.uint8(1))
-    return tokens, lengths.astype(np.int64), mask
-
-
-def _check_ids(flat: np.ndarray, encoder: TokenizerBackend) -> None:
-    if flat.size and int(flat.max()) >= encoder.vocab_size:
-        raise DataError(f"{encoder.directory}: the tokenizer produced id {int(flat.max())} >= its vocabulary "
-                        f"size {encoder.vocab_size}; the tokenizer dir is inconsistent")
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -118,7 +77,8 @@ def init_worker(cfg: dict, watch_parent: bool = True, encoder: TokenizerBackend 
     if encoder is None:  # a worker process; in-process runs reuse the parent's checked encoder
         encoder = TokenizerBackend(cfg["tokenizer_dir"], backend=cfg["backend"], checked=True)
     special = _template_specials(cfg["tokenizer_dir"], encoder)
-    _WORKER.update(cfg=cfg, encoder=encoder, extractor=Extractor(spec, cfg["tokenizer_dir"], special))
+    _WORKER.update(cfg=cfg, encoder=encoder, extractor=Extractor(spec, cfg["tokenizer_dir"], special),
+                   framing=read_framing(encoder.tokenizer, cfg["eos_id"]))
     if watch_parent:
         threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
 
@@ -136,9 +96,11 @@ def part_path(parts: Path, unit: int, what: str) -> Path:
 
 def run_unit(unit: int, pieces: list) -> dict:
     """Tokenize one unit into its part; returns the part's meta, or {"error": message} for a DataError."""
-    cfg, encoder, extractor = _WORKER["cfg"], _WORKER["encoder"], _WORKER["extractor"]
+    cfg, encoder, extractor, framing = _WORKER["cfg"], _WORKER["encoder"], _WORKER["extractor"], _WORKER["framing"]
     parts, dtype = Path(cfg["parts_dir"]), np.dtype(cfg["dtype"])
-    with_mask, with_labels = cfg["spec"]["kind"] == "sft", cfg["spec"]["kind"] == "classification"
+    # "mask": sft's loss mask, or the token type ids of a BERT-style pair (one uint8 per token either way)
+    with_mask = extractor.spec.kind == "sft" or with_type_ids(framing, extractor.spec)
+    with_labels = extractor.spec.kind == "classification"
     suffix = f".tmp-{os.getpid()}"  # a stray worker of a killed run may still write: names never collide
     names = ["tokens", "lengths.npy"] + (["mask"] if with_mask else []) + (["labels.npy"] if with_labels else [])
     tmp = {n: part_path(parts, unit, n + suffix) for n in names}
@@ -150,7 +112,7 @@ def run_unit(unit: int, pieces: list) -> dict:
                                                   ) as mask_f:
             examples = (ex for piece in pieces for _, ex in extractor.examples(Piece(*piece), stats))
             while batch := list(itertools.islice(examples, cfg["batch_size"])):
-                tokens, lengths, mask = encode_examples(encoder, batch, dtype, cfg["eos_id"], with_mask)
+                tokens, lengths, mask = encode_examples(encoder, batch, dtype, framing, extractor.spec)
                 tok_f.write(memoryview(tokens).cast("B"))
                 if with_mask:
                     mask_f.write(memoryview(mask))
@@ -435,6 +397,7 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
                         f"{' or bad' if stats.bad_records else ''})")
     encoder = TokenizerBackend(tokenizer_dir, sample, backend)
     log(f"backend {encoder.name} ({encoder.reason})")
+    framing = read_framing(encoder.tokenizer, special_ids["eos_id"])
     dtype = dtype_for_vocab(vocab_size)
 
     parts = output / PARTS_DIR
@@ -443,7 +406,8 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
              "inputs": input_stats(files),
              "tokenizer_dir": str(tokenizer_dir), "fingerprint": fingerprint, "spec": spec.as_dict(),
              "splits": splits.as_dict(), "shard_tokens": shard_tokens, "dtype": dtype.name,
-             "vocab_size": vocab_size, "special_ids": special_ids,
+             "vocab_size": vocab_size, "special_ids": special_ids, "framing": framing.as_dict(),
+             "token_type_ids": with_type_ids(framing, spec),
              "chat_template_sha256": chat_template_sha256(tokenizer_dir)}
     if unit_splits is not None:
         from data_prep.hf_datasets import input_splits
@@ -573,7 +537,7 @@ def assemble(output: Path) -> dict:
         raise DataError(f"--val-fraction {splits.val_fraction} needs at least 2 documents, the inputs hold {total}")
     thresholds = splits.thresholds(total)
     kind = spec.kind
-    with_mask, with_labels = kind == "sft", kind == "classification"
+    with_mask, with_labels = kind == "sft" or state["token_type_ids"], kind == "classification"
     label_names, label_maps = _label_table(metas, spec) if with_labels else (None, None)
     dtype = np.dtype(state["dtype"])
     _prepare_output_dir(output)
@@ -614,7 +578,7 @@ def assemble(output: Path) -> dict:
                     m = mask[per_token] if with_mask else None
                     lab = labels[docs] if with_labels else None
                 writers[split].add(t, l, m, lab)
-                if with_mask:
+                if kind == "sft":
                     mask_tokens[split] += int(np.count_nonzero(m))
                 if with_labels:
                     label_counts[split] += np.bincount(lab, minlength=len(label_names))[:len(label_names)]
@@ -634,14 +598,15 @@ def assemble(output: Path) -> dict:
         raise DataError(f"--test-fraction {splits.test_fraction} left the test split empty ({total} documents); "
                         "raise it or use --test-count")
     extra = {"input_splits": state["input_splits"]} if unit_splits is not None else {}
-    if with_mask:
+    extra["framing"] = state["framing"]
+    if kind == "sft":
         extra["sft"] = {"format": "messages" if spec.messages_field else "prompt_response", "mask_dtype": "uint8",
                         "mask_tokens": mask_tokens}
     if with_labels:
         extra["classification"] = {"labels": label_names, "num_labels": len(label_names),
                                    "label_counts": {s: c.tolist() for s, c in label_counts.items()},
                                    "text_pair": bool(spec.text_pair_field),
-                                   "pair_separator_id": state["special_ids"]["eos_id"]}
+                                   "token_type_ids": state["token_type_ids"]}
     backends = sorted({m["backend"] for m in metas})
     prep = {"key": state["key"], "record": spec.as_dict(), "splits": splits.as_dict(),
             "shard_tokens": state["shard_tokens"]}

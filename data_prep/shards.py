@@ -6,7 +6,8 @@ Per split, shard `k` is two files:
   `<split>_<k:05d>.idx.npy`  np.int64 start offset of each document in that shard's tokens, num_docs + 1 long,
                              the last entry = the shard's num_tokens.
 For record_kind sft, also `<split>_<k:05d>.mask.bin` (uint8 per token, 1 = loss on this token); for
-classification `<split>_<k:05d>.labels.npy` (np.int64 label id per document). See docs/data_prep.md.
+classification `<split>_<k:05d>.labels.npy` (np.int64 label id per document) and, for text pairs of a tokenizer whose
+framing gives token type ids (BERT), the same `.mask.bin` holding each token's type id. See docs/data_prep.md.
 A document never straddles two shards; a new shard starts once the current one holds >= shard_tokens. The split's
 shards, sizes and sha256s are listed in `manifest.json` (see `data_prep.manifest`).
 """
@@ -241,11 +242,20 @@ class ShardSet:
 
     def loss_mask(self, i: int) -> np.memmap:
         """sft: shard `i`'s loss mask, uint8 per token (1 = train on this token), a read-only memmap."""
+        return self._per_token(i)
+
+    def token_type_ids(self, i: int) -> np.memmap:
+        """classification pairs with `manifest.classification.token_type_ids`: shard `i`'s token type id per token
+        (uint8), a read-only memmap."""
+        return self._per_token(i)
+
+    def _per_token(self, i: int) -> np.memmap:
         if i in self._masks:
             return self._masks[i]
         entry = self._entries[i]
         if "mask" not in entry:
-            raise DataError(f"{self.directory}: record_kind {self.manifest.get('record_kind')!r} has no loss mask")
+            raise DataError(f"{self.directory}: record_kind {self.manifest.get('record_kind')!r} has no per-token "
+                            "loss mask or token types")
         path = self.directory / entry["mask"]
         if not path.is_file() or path.stat().st_size != entry["num_tokens"]:
             raise DataError(f"{path}: missing or not {entry['num_tokens']} bytes; run `python -m data_prep verify`")

@@ -37,6 +37,11 @@ class TokenWindows:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    @staticmethod
+    def num_cut() -> int:
+        """Windows cut nothing: documents flow across them."""
+        return 0
+
     def batch(self, indices: np.ndarray) -> torch.Tensor:
         """A [len(indices), seq_len] int64 tensor of the given windows."""
         shard_of = np.searchsorted(self.starts, indices, side="right") - 1
@@ -63,17 +68,25 @@ class Documents:
     examples fill rows of `seq_len` in order (a new row when the next one does not fit); a block-diagonal causal mask
     and positions that restart at each example keep examples from seeing each other, so the loss equals the unpacked
     loss on the same examples. Without packing each example is one row. classification rows: the document's tokens
-    (attention_mask marks them) and one label per row. Rows are right-padded with `pad_id` to the longest row.
-    Examples longer than `seq_len` keep their first `seq_len - 1` tokens and their final (EOS) token.
+    (attention_mask marks them), their token type ids where the shards carry them (text pairs of a BERT-style
+    tokenizer, `manifest.classification.token_type_ids`), and one label per row; the target of such an example is
+    (label, token type ids). Rows are right-padded with `pad_id` (type 0) to the longest row. Examples longer than
+    `seq_len` keep their first `seq_len - 1` tokens and their final token (EOS, or the framing's last: [SEP]).
     """
 
     def __init__(self, shards: ShardSet, seq_len: int, kind: str, pad_id: int, packing: bool = False):
         self.shards, self.seq_len, self.kind, self.pad_id, self.packing = shards, seq_len, kind, pad_id, packing
+        self.with_types = bool(shards.manifest.get("classification", {}).get("token_type_ids"))
         per_shard = np.asarray([len(shards.doc_offsets(i)) - 1 for i in range(len(shards))], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(per_shard)])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def num_cut(self) -> int:
+        """Examples longer than seq_len, which `example` cuts: read from the document index, nothing loaded."""
+        return sum(int(np.count_nonzero(np.diff(self.shards.doc_offsets(i)) > self.seq_len))
+                   for i in range(len(self.shards)))
 
     def example(self, index: int) -> tuple[np.ndarray, np.ndarray | int]:
         """(token ids, loss mask) for sft, (token ids, label id) for classification; cut to seq_len."""
@@ -82,15 +95,19 @@ class Documents:
         offsets = self.shards.doc_offsets(shard)
         begin, end = int(offsets[doc]), int(offsets[doc + 1])
         ids = np.asarray(self.shards.tokens(shard)[begin:end], dtype=np.int64)
+        types = None
         if self.kind == "sft":
             target = np.asarray(self.shards.loss_mask(shard)[begin:end], dtype=bool)
         else:
             target = int(self.shards.labels(shard)[doc])
+            if self.with_types:
+                types = np.asarray(self.shards.token_type_ids(shard)[begin:end], dtype=np.int64)
         if len(ids) > self.seq_len:
             keep = np.r_[0:self.seq_len - 1, len(ids) - 1]
             ids = ids[keep]
             target = target[keep] if self.kind == "sft" else target
-        return ids, target
+            types = types[keep] if types is not None else None
+        return ids, (target if types is None else (target, types))
 
     def model_batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
         """(model inputs + labels, number of tokens in it, padding excluded)."""
@@ -99,6 +116,13 @@ class Documents:
     def batch_of(self, examples: list[tuple]) -> tuple[dict[str, torch.Tensor], int]:
         num_tokens = sum(len(ids) for ids, _ in examples)
         if self.kind == "classification":
+            if self.with_types:
+                width = max(len(ids) for ids, _ in examples)
+                types = torch.zeros((len(examples), width), dtype=torch.long)
+                for row, (_, (_, row_types)) in enumerate(examples):
+                    types[row, :len(row_types)] = torch.from_numpy(row_types)
+                labels = torch.tensor([label for _, (label, _) in examples])
+                return self._rows([[e] for e in examples], {"labels": labels, "token_type_ids": types}), num_tokens
             labels = torch.tensor([label for _, label in examples])
             return self._rows([[e] for e in examples], {"labels": labels}), num_tokens
         rows = [[e] for e in examples]
@@ -157,6 +181,10 @@ class BlendedItems:
 
     def __len__(self) -> int:
         return int(self.sampler.items.sum())
+
+    def num_cut(self) -> int:
+        """Items longer than seq_len over the parts (each counted once, however often the blend samples it)."""
+        return sum(part.num_cut() for part in self.parts)
 
     def _locate(self, indices: np.ndarray) -> list[tuple[int, int]]:
         """(part, item index within the part) of each sample."""

@@ -69,14 +69,35 @@ def _tokenizer_digest(directory: Path) -> str | None:
     return digest.hexdigest()
 
 
-def check_tokenizer(model_dir: Path, tokenizer_info: dict) -> None:
+def check_tokenizer(model_dir: Path, manifest: dict) -> None:
     """Refuse a pretrained model whose tokenizer differs from the one the shards were made with: the token ids
-    would mean other words. Compared on the tokenizer files both directories hold."""
-    data_dir = Path(tokenizer_info["path"])
+    would mean other words. Compared on the tokenizer files both directories hold, then on the framing (the special
+    tokens its post-processor puts around a record, data_prep.encode) the manifest recorded. A model directory
+    without tokenizer files cannot be checked and is refused."""
+    from data_prep.backend import load_tokenizer
+    from data_prep.encode import read_framing
+    from data_prep.errors import DataError
+
+    data_dir = Path(manifest["tokenizer"]["path"])
     ours, theirs = _tokenizer_digest(model_dir), _tokenizer_digest(data_dir) if data_dir.is_dir() else None
-    if ours is not None and theirs is not None and ours != theirs:
+    if ours is None:
+        raise ConfigError(f"model.path: {model_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...), "
+                          f"so nothing shows it matches {data_dir}, the tokenizer the shards were made with; copy "
+                          f"the model's own tokenizer files into {model_dir}")
+    if theirs is not None and ours != theirs:
         raise ConfigError(f"model.path: the tokenizer in {model_dir} differs from {data_dir}, the one the shards were "
                           f"made with; re-run `python -m data_prep tokenize --tokenizer {model_dir}`")
+    recorded = manifest.get("framing")
+    if recorded is None:  # shards from before framing was recorded
+        return
+    try:
+        framing = read_framing(load_tokenizer(model_dir), recorded["eos"]).as_dict()
+    except DataError as exc:
+        raise ConfigError(f"model.path: {exc}") from None
+    if framing != recorded:
+        raise ConfigError(f"model.path: the tokenizer in {model_dir} frames records as {framing['single']} around a "
+                          f"text, the shards (made with {data_dir}) as {recorded['single']}; re-run `python -m "
+                          f"data_prep tokenize --tokenizer {model_dir}`")
 
 
 def _override_dropout(hf_config, dropout: float | None) -> None:
@@ -134,7 +155,7 @@ def build_model(cfg: Config, manifest: dict, base_only: bool = False, load_weigh
         if not path.is_dir():
             raise ConfigError(f"model.path: {path} is not a directory (a local HF model dir is needed; model hubs "
                               "are not contacted)")
-        check_tokenizer(path, tokenizer_info)
+        check_tokenizer(path, manifest)
         try:
             hf_config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as exc:

@@ -14,10 +14,12 @@ default latest) is exported to a temporary directory first, with `train.export`.
   `--max-new-tokens` tokens, stopping at EOS), batched with left padding.
 
 Records are encoded exactly as `data_prep` encoded the training data (`data_prep.records` extracts the fields,
-`data_prep.pipeline.encode_examples` / the tokenizer backend encode them): a classification text is
-`ids(text) + [eos]` (a pair: `ids(text) + [eos] + ids(pair) + [eos]`), cut like the trainer cuts it to the run's
-`data.seq_len` (first seq_len-1 ids + the final eos); a prompt is `ids(prompt)` with no eos. The field names default
-to the ones the shards were made with (`export.json` -> `record`), else text / prompt.
+`data_prep.encode` frames them as the model's tokenizer does): a classification text is the tokenizer's template
+around it (`[CLS] text [SEP]`, a pair `[CLS] text [SEP] pair [SEP]` with token type ids, for BERT), or
+`ids(text) + [eos]` (a pair: `ids(text) + [eos] + ids(pair) + [eos]`) for a tokenizer whose template adds nothing
+(GPT-2); cut like the trainer cuts it to the run's `data.seq_len` (first seq_len-1 ids + the final one). A prompt is
+what the template puts before a text (Llama's BOS) + `ids(prompt)`, with no eos. The field names default to the ones
+the shards were made with (`export.json` -> `record`), else text / prompt.
 
 Input: `.jsonl` (also `.jsonl.gz`, `.jsonl.zst`, `.csv`, `.parquet`), streamed: only one batch is in memory. The
 output is written to a temporary file next to it and renamed when complete. A bad record stops the run with
@@ -65,6 +67,7 @@ class Predictor:
     def __init__(self, directory: str | Path, device: str = "cpu", text_fields: list[str] | None = None,
                  text_pair_field: str | None = None, prompt_field: str | None = None, max_length: int | None = None):
         from data_prep.backend import TokenizerBackend
+        from data_prep.encode import read_framing
         from data_prep.manifest import tokenizer_files
         from data_prep.records import Extractor, RecordSpec
 
@@ -83,6 +86,7 @@ class Predictor:
         special = self.backend.special_ids
         config = self.model.config
         self.eos = self.info.get("eos_id", special["eos_id"])
+        self.framing = read_framing(self.backend.tokenizer, self.eos)
         pad = self.info.get("pad_id")
         if pad is None:
             pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else special["pad_id"]
@@ -173,7 +177,11 @@ class Predictor:
     # --------------------------------------------------------------------------------------------- encoding
     def encode(self, record: dict) -> list[int]:
         """The token ids the model sees for `record`; raises records._Bad for a missing or non-string field."""
-        from data_prep.pipeline import encode_examples
+        return self.encode_with_types(record)[0]
+
+    def encode_with_types(self, record: dict) -> tuple[list[int], list[int] | None]:
+        """(token ids, token type ids or None where the framing has none) of `record`."""
+        from data_prep.encode import encode_examples
         from data_prep.records import Example
 
         spec, ex = self.spec, self.extractor
@@ -181,27 +189,36 @@ class Predictor:
             text = ex._text(record)
             pair = (ex._string(record, spec.text_pair_field, "--text-pair-field", "the second text")
                     if spec.text_pair_field else None)
-            tokens, _, _ = encode_examples(self.backend, [Example([text] if pair is None else [text, pair], None,
-                                                                 None)], np.dtype(np.int64), self.eos, False)
-            ids = tokens.tolist()
+            tokens, _, types = encode_examples(self.backend, [Example([text] if pair is None else [text, pair], None,
+                                                                      None)], np.dtype(np.int64), self.framing, spec)
+            ids, types = tokens.tolist(), (types.tolist() if types is not None else None)
             if self.max_length and len(ids) > self.max_length:  # as train.data.Documents cuts an example
                 ids = ids[:self.max_length - 1] + ids[-1:]
-            return ids
+                types = types[:self.max_length - 1] + types[-1:] if types is not None else None
+            return ids, types
         prompt = ex._string(record, spec.prompt_field, "--prompt-field", "the prompt")
         flat, _ = self.backend.encode_batch([prompt])
-        return flat.astype(np.int64).tolist()
+        return list(self.framing.single[0]) + flat.astype(np.int64).tolist(), None
 
     # --------------------------------------------------------------------------------------------- inference
     @torch.inference_mode()
-    def classify_batch(self, batch: list[list[int]]) -> list[tuple[str, dict]]:
-        """Right-padded with the pad id and masked, as the trainer batches classification rows."""
+    def classify_batch(self, batch: list[list[int]], types: list[list[int] | None] | None = None
+                       ) -> list[tuple[str, dict]]:
+        """Right-padded with the pad id and masked, as the trainer batches classification rows; token type ids
+        (0 on padding) where the framing has them."""
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, ids in enumerate(batch):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
-        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if types and types[0] is not None:
+            type_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, row_types in enumerate(types):
+                type_ids[row, :len(row_types)] = torch.tensor(row_types)
+            inputs["token_type_ids"] = type_ids.to(self.device)
+        logits = self.model(**inputs).logits
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         out = []
         for row in probs:
@@ -296,7 +313,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
         counts = {"records": 0, "prompts_cut": 0, "labelled": 0, "agree": 0}
         try:
             with open(tmp_out, "w", encoding="utf-8") as out:
-                pending: list[tuple[dict, list[int]]] = []
+                pending: list[tuple[dict, list[int], list[int] | None]] = []
 
                 def flush():
                     if not pending:
@@ -304,10 +321,10 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
                     ids = [p[1] for p in pending]
                     if predictor.classify:
                         results = [{"label": label, "probabilities": probs}
-                                   for label, probs in predictor.classify_batch(ids)]
+                                   for label, probs in predictor.classify_batch(ids, [p[2] for p in pending])]
                     else:
                         results = [{"generated": text} for text in predictor.generate_batch(ids, max_new_tokens)]
-                    for (record, _), result in zip(pending, results):
+                    for (record, _, _), result in zip(pending, results):
                         if predictor.classify and "label" in record:
                             counts["labelled"] += 1
                             counts["agree"] += str(record["label"]) == result["label"]
@@ -317,7 +334,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
 
                 for (piece, number), record in _records(input_path, fields):
                     try:
-                        ids = predictor.encode(record)
+                        ids, types = predictor.encode_with_types(record)
                     except _Bad as bad:
                         raise DataError(f"{location(piece, number)}: {bad.message}") from None
                     if not predictor.classify:
@@ -326,7 +343,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
                                             "is empty: it encodes to no tokens, so there is nothing to continue")
                         ids, cut = predictor.fit_prompt(ids, max_new_tokens)
                         counts["prompts_cut"] += cut
-                    pending.append((record, ids))
+                    pending.append((record, ids, types))
                     if len(pending) == batch_size:
                         flush()
                 flush()

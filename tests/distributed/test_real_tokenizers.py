@@ -1,10 +1,13 @@
 """The conformance matrix: real tokenizer files of four families (tests/real_files.py), each through data_prep →
-2 training steps of a tiny random model of the matching architecture and vocabulary on 2 ranks → export → predict.
+2 training steps of a tiny random model of the matching architecture and vocabulary on 2 ranks → export → predict;
+and every record kind's ids against transformers'.
 
-The shards must hold exactly the ids transformers gives for each document (`AutoTokenizer.from_pretrained(dir)`,
-no special tokens) followed by the document separator, with nothing padded or cut whatever the tokenizer.json's
-own padding/truncation settings say (all-MiniLM-L6-v2's: pad and truncate to 128). Slow-format directories
-(GPT-2's vocab.json + merges.txt, Mistral's SentencePiece tokenizer.model) go through transformers' conversion.
+The shards must hold exactly the ids `AutoTokenizer.from_pretrained(dir)` gives for each record, framed as the
+tokenizer frames it (BERT's [CLS] … [SEP] with token type ids for pairs, Mistral's <s>), plus the document
+separator where the framing does not end with it (data_prep.encode), with nothing padded or cut whatever the
+tokenizer.json's own padding/truncation settings say (all-MiniLM-L6-v2's: pad and truncate to 128). Slow-format
+directories (GPT-2's vocab.json + merges.txt, Mistral's SentencePiece tokenizer.model) go through transformers'
+conversion.
 """
 
 from __future__ import annotations
@@ -44,6 +47,67 @@ CASES = {
 }
 
 
+def expected_text(reference, text: str, eos: int) -> list[int]:
+    ids = reference(text)["input_ids"]
+    return ids if ids[-1:] == [eos] else ids + [eos]
+
+
+def stored_docs(directory, split: str = "train", per_token: bool = False) -> list[list[int]]:
+    """Every document of the split in order (or, with per_token, each document's per-token uint8 values)."""
+    shards = ShardSet(directory, split)
+    docs = []
+    for i in range(len(shards)):
+        offsets = shards.doc_offsets(i)
+        values = np.asarray(shards.loss_mask(i) if per_token else shards.tokens(i))
+        docs += [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    return docs
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_every_record_kind_is_framed_as_transformers_frames_it(family, real_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = real_model_dir(family)
+    reference = AutoTokenizer.from_pretrained(str(model_dir))
+    records = [{"text": t, "pair": p, "label": label, "prompt": t, "response": p}
+               for t, p, label in zip(TEXTS, TEXTS[1:] + TEXTS[:1], LABELS)]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    templated = reference("x")["input_ids"] != reference("x", add_special_tokens=False)["input_ids"]
+
+    def tokenize(name: str, *args: str):
+        run("-m", "data_prep", "tokenize", "--input", str(tmp_path / "records.jsonl"), "--tokenizer", str(model_dir),
+            "--output", str(tmp_path / name), *args)
+        return json.loads((tmp_path / name / "manifest.json").read_text())
+
+    eos = tokenize("text")["tokenizer"]["eos_id"]
+    assert stored_docs(tmp_path / "text") == [expected_text(reference, r["text"], eos) for r in records]
+
+    single = tokenize("single", "--record-kind", "classification")
+    expected = [reference(r["text"])["input_ids"] if templated
+                else reference(r["text"], add_special_tokens=False)["input_ids"] + [eos] for r in records]
+    assert stored_docs(tmp_path / "single") == expected
+    assert single["classification"]["token_type_ids"] is False
+
+    pair = tokenize("pair", "--record-kind", "classification", "--text-pair-field", "pair")
+    encoded = [reference(r["text"], r["pair"]) for r in records]
+    if templated:
+        assert stored_docs(tmp_path / "pair") == [e["input_ids"] for e in encoded]
+    else:  # no template to follow (GPT-2): eos closes each text
+        assert stored_docs(tmp_path / "pair") == [
+            reference(r["text"], add_special_tokens=False)["input_ids"] + [eos]
+            + reference(r["pair"], add_special_tokens=False)["input_ids"] + [eos] for r in records]
+    with_types = "token_type_ids" in encoded[0] and any(any(e["token_type_ids"]) for e in encoded)
+    assert pair["classification"]["token_type_ids"] is with_types
+    if with_types:  # BERT: 0 up to the first [SEP], 1 after
+        assert stored_docs(tmp_path / "pair", per_token=True) == [e["token_type_ids"] for e in encoded]
+
+    if family != "bert":  # sft is for decoders: their template puts nothing after a text
+        tokenize("sft", "--record-kind", "sft")
+        assert stored_docs(tmp_path / "sft") == [
+            reference(r["prompt"])["input_ids"] + reference(r["response"], add_special_tokens=False)["input_ids"]
+            + [eos] for r in records]
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,11 +132,10 @@ def test_real_tokenizer_family_from_data_prep_to_predict(family, real_model_dir,
     reference = AutoTokenizer.from_pretrained(str(model_dir))
     eos = manifest["tokenizer"]["eos_id"]
     assert eos == reference.convert_tokens_to_ids(reference.eos_token or reference.sep_token)
-    expected = [reference(r["text"], add_special_tokens=False)["input_ids"] + [eos] for r in records]
+    expected = [reference(r["text"])["input_ids"] if task == "classification"
+                else expected_text(reference, r["text"], eos) for r in records]
     assert max(map(len, expected)) > 300  # past every truncation setting in the tokenizer files
-    shards = ShardSet(tmp_path / "shards")
-    stored = np.concatenate([np.asarray(shards.tokens(i)) for i in range(len(shards))]).tolist()
-    assert stored == [i for ids in expected for i in ids]
+    assert stored_docs(tmp_path / "shards") == expected
 
     model_type, hf_config = TINY[architecture]
     (tmp_path / "run.yaml").write_text(
@@ -84,6 +147,8 @@ def test_real_tokenizer_family_from_data_prep_to_predict(family, real_model_dir,
     run_training(tmp_path / "run.yaml", [])
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+    cut = sum(len(ids) > 128 for ids in expected) if task == "classification" else 0  # windows cut nothing
+    assert summary["items_cut"] == {"train": cut} and (cut > 0) == (task == "classification")
 
     run("-m", "train.export", str(tmp_path / "run"), "--output", str(tmp_path / "export"))
     exported = AutoTokenizer.from_pretrained(str(tmp_path / "export"))

@@ -229,7 +229,10 @@ def test_manifest_fields_and_checksums(tiny, tmp_path):
     manifest = tokenize_corpus([str(tiny["jsonl"])], tiny["tokenizer"], out, val_fraction=0.1, shard_tokens=800)
     assert manifest == json.loads((out / "manifest.json").read_text()) == load_manifest(out)
     assert set(manifest) == {"format_version", "record_kind", "tokenizer", "dtype", "splits", "inputs",
-                             "val_fraction", "counts", "prep"}
+                             "val_fraction", "counts", "prep", "framing"}
+    # Our byte-level BPE's post-processor adds no special tokens: eos after every document, nothing else.
+    assert manifest["framing"] == {"eos": 0, "single": [[], []], "pair": [[], [], []],
+                                   "pair_types": [[], 0, [], 0, []]}
     assert (manifest["format_version"], manifest["record_kind"], manifest["dtype"]) == (1, "text", "uint16")
     tok = manifest["tokenizer"]
     assert tok == {"path": str(tiny["tokenizer"].resolve()), "fingerprint": tokenizer_fingerprint(tiny["tokenizer"]),

@@ -105,7 +105,7 @@ def test_classification_string_labels_sorted_and_pairs(tiny, tmp_path):
                                shard_tokens=50, test_count=5)
     cls = manifest["classification"]
     assert cls["labels"] == ["neg", "neutral", "pos"] and cls["num_labels"] == 3 and cls["text_pair"]
-    assert cls["pair_separator_id"] == 0 and manifest["counts"]["bad_records"] == {"bad_label": 1}
+    assert cls["token_type_ids"] is False and manifest["counts"]["bad_records"] == {"bad_label": 1}
     assert manifest["splits"]["test"]["num_docs"] == 5 and manifest["splits"]["train"]["num_docs"] == 25
     got = {}
     for split in ("train", "test"):

@@ -85,6 +85,8 @@ def test_classification_batch_pads_and_keeps_eos_when_truncating(finetune_data):
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["input_ids"][1, min(lengths):].eq(1).all() and batch["attention_mask"][1].sum() == min(lengths)
     assert batch["labels"].tolist() == [label, full.example(int(np.argmin(lengths)))[1]]
+    every = [len(full.example(i)[0]) for i in range(len(full))]
+    assert short.num_cut() == sum(n > 6 for n in every) > 0 and full.num_cut() == sum(n > 64 for n in every)
 
 
 def test_classification_metrics_match_a_hand_count():
@@ -266,3 +268,31 @@ def test_a_decoder_classifier_uses_the_pad_id_batches_are_padded_with(pretrained
     (other / "config.json").write_text(json.dumps(config))
     cfg = cfg_for({"method": "full"}, kind="classification", init="pretrained", path=str(other))
     assert build_model(cfg, manifest("classification")).config.pad_token_id == 1  # the manifest's pad id
+
+
+def test_a_pretrained_model_must_carry_the_tokenizer_and_framing_of_its_shards(tiny_data, pretrained_models,
+                                                                              tmp_path):
+    import shutil
+
+    from data_prep.manifest import TOKENIZER_FILES
+    from train.model import check_tokenizer
+
+    manifest = json.loads((tiny_data["shards"] / "manifest.json").read_text())
+    check_tokenizer(pretrained_models["gpt2"], manifest)  # the shards' own tokenizer: accepted
+    bare = tmp_path / "bare"
+    shutil.copytree(pretrained_models["gpt2"], bare)
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(ConfigError) as err:
+        check_tokenizer(bare, manifest)
+    assert str(err.value) == (
+        f"model.path: {bare} holds no tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, "
+        f"vocab.json, ...), so nothing shows it matches {manifest['tokenizer']['path']}, the tokenizer the shards were "
+        f"made with; copy the model's own tokenizer files into {bare}")
+    bos_framed = {**manifest, "framing": {**manifest["framing"], "single": [[0], []]}}  # as if made with a BOS
+    with pytest.raises(ConfigError) as err:
+        check_tokenizer(pretrained_models["gpt2"], bos_framed)
+    assert str(err.value) == (
+        f"model.path: the tokenizer in {pretrained_models['gpt2']} frames records as [[], []] around a text, the "
+        f"shards (made with {manifest['tokenizer']['path']}) as [[0], []]; re-run `python -m data_prep tokenize "
+        f"--tokenizer {pretrained_models['gpt2']}`")
