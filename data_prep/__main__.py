@@ -57,9 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-corpus", help="write a jsonl corpus from the Python standard library's source")
     p.add_argument("--output", required=True, help="jsonl file to write")
     p.add_argument("--max-mb", type=float, default=8.0, help="stop after this many MB of text (default 8)")
-    p.add_argument("--kind", choices=("text", "sft", "classification"), default="text",
+    p.add_argument("--kind", choices=("text", "sft", "classification", "sentiment"), default="text",
                    help="text: source files (default); sft: docstring -> definition pairs; classification: "
-                        "docstrings labelled function or class")
+                        "docstrings labelled function or class; sentiment: 1,200 short movie reviews labelled pos "
+                        "or neg")
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer and save a HuggingFace tokenizer dir")
     add_input_args(p)

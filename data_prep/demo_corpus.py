@@ -9,6 +9,9 @@ Kinds (`--kind`):
 - sft: one example per public top-level function or class with a docstring: `{"prompt": "Docstring: <its first
   paragraph>\nDefinition:", "response": " def name(args):"}` (or ` class Name:`).
 - classification: the same docstrings, `{"text": <first paragraph>, "label": "function" | "class"}`.
+- sentiment: short English movie reviews, `{"text": "A gripping thriller. The cast is great.", "label": "pos"}`
+  (or `"neg"`), composed by a seeded generator from opinion phrases (Python ships no reviews): the seed's example,
+  fine-tuning a BERT-family encoder for sentiment, without a download.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import sysconfig
 from pathlib import Path
 
@@ -31,7 +35,25 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-KINDS = ("text", "sft", "classification")
+KINDS = ("text", "sft", "classification", "sentiment")
+OPINIONS = {"pos": ("A wonderful", "An excellent", "A moving", "A delightful", "A brilliant", "A charming",
+                    "A superb", "A gripping", "A beautiful", "A clever"),
+            "neg": ("A dull", "A terrible", "A boring", "An awful", "A clumsy", "A tedious", "A lifeless",
+                    "A disappointing", "A messy", "A forgettable")}
+SUBJECTS = ("film", "movie", "story", "thriller", "comedy", "drama", "sequel", "documentary", "western", "musical")
+VERDICTS = {"pos": ("The cast is great.", "I loved every minute.", "Highly recommended.", "I would watch it again.",
+                    "The ending is perfect.", "Worth every penny."),
+            "neg": ("The cast is wasted.", "I nearly fell asleep.", "Skip it.", "I wanted my money back.",
+                    "The ending makes no sense.", "Not worth the ticket.")}
+
+
+def _reviews():
+    """Every distinct review (2 x 10 x 10 x 6 = 1,200) once, in a fixed shuffled order: a test split never holds a
+    review seen in training, only its phrases."""
+    reviews = [{"text": f"{opinion} {subject}. {verdict}", "label": label} for label in ("pos", "neg")
+               for opinion in OPINIONS[label] for subject in SUBJECTS for verdict in VERDICTS[label]]
+    random.Random(0).shuffle(reviews)
+    yield from reviews
 
 
 def _sources():
@@ -64,6 +86,9 @@ def _definitions(text: str):
 
 
 def _records(kind: str):
+    if kind == "sentiment":
+        yield from _reviews()
+        return
     seen = set()
     for text in _sources():
         if kind == "text":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from train import config as config_lib
 from train import ds_config as ds_config_lib
+from train import precision as precision_lib
 from data_prep.errors import DataError
 from train.errors import RunError
 
@@ -67,12 +68,15 @@ class Plan:
     checkpoint_bytes: int
     total_steps: int
     gpu: bool  # planned for GPUs (flash attention) rather than CPUs like this machine
+    precision: "precision_lib.Choice"  # train.precision as the run would resolve it
 
 
 def estimate(cfg: config_lib.Config, world_size: int, gpu: bool) -> Plan:
     """The plan of a run at `world_size` ranks on GPUs (`gpu`) or on CPUs like this machine's."""
     from train.data import open_split, run_steps, split_items
 
+    choice = planned_precision(cfg.train.precision, gpu)
+    cfg = precision_lib.with_precision(cfg, choice.precision)
     manifest, shards = open_split(cfg, cfg.data.train_split)
     ds = ds_config_lib.build(cfg, world_size)
     # Only train.epochs needs the items counted (as the Trainer does); the global batch is DeepSpeed's.
@@ -100,7 +104,7 @@ def estimate(cfg: config_lib.Config, world_size: int, gpu: bool) -> Plan:
     stage = ds_config_lib.zero_stage(ds)
     configured = next((r for r in rows if r.stage == stage and r.offload == configured_offload), row(stage))
     return Plan(world_size, counts, acts, rows, configured, cfg.model.activation_checkpointing,
-                memory.checkpoint_bytes(counts, p), total_steps, gpu)
+                memory.checkpoint_bytes(counts, p), total_steps, gpu, choice)
 
 
 def memory_budget(gpu_mem_gb: float | None, local_ranks: int) -> tuple[float, str]:
@@ -131,9 +135,11 @@ def _mb(n: float) -> str:
 def render(cfg: config_lib.Config, plan: Plan, budget: float, budget_source: str) -> str:
     c, a = plan.counts, plan.activations
     lines = [
-        f"plan: {cfg.run.name}, world size {plan.world_size}, {cfg.train.precision}, micro-batch "
+        f"plan: {cfg.run.name}, world size {plan.world_size}, {plan.precision.precision}, micro-batch "
         f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, grad accumulation {cfg.train.grad_accum_steps}, "
         f"{plan.total_steps:,} steps",
+        f"precision: {plan.precision.precision} ({plan.precision.reason})",
+        *([plan.precision.warning] if plan.precision.warning else []),
         f"model: {c.total:,} parameters, {c.trainable:,} trained; largest layer {c.largest_layer:,}",
         f"activations per micro-batch (traced): {_mb(a.checkpointed)} MB with activation checkpointing, "
         f"{_mb(a.full)} MB without",
@@ -227,23 +233,16 @@ def render_probe(cfg: config_lib.Config, plan: Plan, measured: dict) -> str:
     return "\n".join(lines)
 
 
-def planned_precision(cfg: config_lib.Config, gpu: bool) -> config_lib.Config:
-    """`cfg` with train.precision: auto resolved as the Trainer would here; for a GPU cluster planned from a machine
-    without one (--gpu-mem-gb), bf16: fp16, auto's choice on GPUs without bf16, takes the same memory."""
+def planned_precision(requested: str, gpu: bool) -> precision_lib.Choice:
+    """train.precision resolved as the Trainer would here; for a GPU cluster planned from a machine without one
+    (--gpu-mem-gb), auto is bf16: fp16, auto's choice on GPUs without bf16, takes the same memory."""
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from train import precision as precision_lib
-
-    requested = cfg.train.precision
     if requested == "auto" and gpu and not torch.cuda.is_available():
-        choice = precision_lib.Choice("bf16", requested, "auto on a GPU cluster: bf16 (fp16 where the GPUs lack "
-                                                         "bf16, same memory)")
-    else:
-        choice = precision_lib.resolve(requested, torch.device(get_accelerator().current_device_name()))
-    print(f"precision {choice.precision} ({choice.reason})" + (f"\n{choice.warning}" if choice.warning else ""),
-          flush=True)
-    return precision_lib.with_precision(cfg, choice.precision)
+        return precision_lib.Choice("bf16", requested, "auto on a GPU cluster: bf16 (fp16 where the GPUs lack "
+                                                       "bf16, same memory)")
+    return precision_lib.resolve(requested, torch.device(get_accelerator().current_device_name()))
 
 
 def main(argv=None) -> int:
@@ -266,7 +265,7 @@ def main(argv=None) -> int:
 
         world = args.world_size or max(1, torch.cuda.device_count())
         gpu = args.gpu_mem_gb is not None or torch.cuda.is_available()
-        cfg = planned_precision(config_lib.load(args.config, args.overrides), gpu)
+        cfg = config_lib.load(args.config, args.overrides)
         plan = estimate(cfg, world, gpu=gpu)
         local = min(world, os.cpu_count() or 1)
         budget, source = memory_budget(args.gpu_mem_gb, local)

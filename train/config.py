@@ -191,7 +191,7 @@ class TrainConfig:
     grad_accum_steps: int = _field(1, "Micro-batches accumulated per optimizer step. "
                                       "Global batch = micro_batch_size * grad_accum_steps * world size.")
     precision: str = _field("auto", "auto: bf16 on a GPU that supports it, else fp16 (dynamic loss scaling); on CPU "
-                                    "bf16 only where its matmuls are fast (CPU flags and a short probe), else "
+                                    "bf16 only where its matmuls are fast (x86 CPU flags, else a short probe), else "
                                     "fp32. bf16, fp16 or fp32 force one (fp16 does not run on CPU). The choice "
                                     "and its reason are printed, kept in summary.json and the checkpoint; a "
                                     "resumed run keeps its checkpoint's precision.")

@@ -2,11 +2,13 @@
 
 auto picks
 - on CUDA: bf16 where the device supports it, else fp16 (DeepSpeed's dynamic loss scaling);
-- on CPU: bf16 only where bf16 matmuls are fast here, else fp32. On x86 the CPU flags decide first: without
-  AVX512-BF16 or AMX-BF16, torch's bf16 matmul falls back to a scalar path (0.22 GFLOP/s against ~90 for fp32 on a
-  2-core AMD EPYC with AVX2 only: a run 30x slower). With them, or on another architecture, a short matmul probe
-  compares bf16 with fp32 on this process's threads: bf16 is chosen when it is at least `FAST_BF16_RATIO` times
-  faster, since mixed precision adds casts and fp32 master weights that only a clearly faster matmul pays for.
+- on CPU: bf16 only where bf16 matmuls are fast here, else fp32. On x86 the CPU flags decide: without AVX512-BF16
+  or AMX-BF16, torch's bf16 matmul falls back to a slow path (0.22 GFLOP/s against ~90 for fp32 on a 2-core AMD
+  EPYC with AVX2 only: a run 30x slower); with them oneDNN runs bf16 at about twice fp32 (~200 GFLOP/s per core on
+  an AMD EPYC with AVX512-BF16). Flags give the same answer on every run of a machine, where a timing can flip on a
+  busy one. Elsewhere (ARM, or flags that cannot be read) a short matmul probe compares bf16 with fp32 on this
+  process's threads: bf16 is chosen when it is at least `FAST_BF16_RATIO` times faster, since mixed precision adds
+  casts and fp32 master weights that only a clearly faster matmul pays for.
 
 An explicit bf16/fp16/fp32 wins, with two exceptions: fp16 on CPU is an error (DeepSpeed's CPU accelerator has no
 fp16), and bf16 on a CUDA device without bf16 is an error; bf16 forced on a CPU without fast bf16 runs, with a
@@ -97,13 +99,20 @@ def probe_cpu_bf16() -> tuple[float, float]:
 def cpu_bf16_is_fast() -> tuple[bool, str]:
     """Whether bf16 training pays off on this CPU, and the evidence in words."""
     flags = _cpu_flags()
-    if flags is not None and not flags & set(X86_BF16_FLAGS):
+    if flags is not None:
+        present = sorted(flags & set(X86_BF16_FLAGS))
+        if present:
+            return True, f"CPU flags: {', '.join(present)} (native bf16 matmuls)"
         return False, f"CPU flags: no {' or '.join(X86_BF16_FLAGS)} (bf16 matmuls would run on a slow fallback)"
+    ratio, figures = _probe_figures()
+    return ratio >= FAST_BF16_RATIO, figures
+
+
+def _probe_figures() -> tuple[float, str]:
+    """(bf16 / fp32 matmul speed, the probe's figures in words)."""
     bf16, fp32 = probe_cpu_bf16()
-    ratio = bf16 / fp32
-    evidence = (f"bf16 matmul {bf16 / 1e9:.1f} GFLOP/s vs fp32 {fp32 / 1e9:.1f} GFLOP/s on "
-                f"{torch.get_num_threads()} thread(s), ratio {ratio:.2f}")
-    return ratio >= FAST_BF16_RATIO, evidence
+    return bf16 / fp32, (f"bf16 matmul {bf16 / 1e9:.1f} GFLOP/s vs fp32 {fp32 / 1e9:.1f} GFLOP/s on "
+                         f"{torch.get_num_threads()} thread(s), ratio {bf16 / fp32:.2f}")
 
 
 def resolve(requested: str, device: torch.device) -> Choice:
@@ -127,9 +136,13 @@ def resolve(requested: str, device: torch.device) -> Choice:
     fast, evidence = cpu_bf16_is_fast()
     if requested == "auto":
         return Choice("bf16" if fast else "fp32", requested, f"auto: {evidence}")
-    warning = "" if fast else (f"warning: train.precision is bf16 but this CPU is slow at it ({evidence}); "
-                               "expect a much slower run than with auto or fp32")
-    return Choice("bf16", requested, f"set in the config; {evidence}", warning)
+    if fast:
+        return Choice("bf16", requested, f"set in the config; {evidence}")
+    if evidence.startswith("CPU flags"):  # the warning gives measured figures either way
+        evidence = f"{evidence}; {_probe_figures()[1]}"
+    return Choice("bf16", requested, f"set in the config; {evidence}",
+                  f"warning: train.precision is bf16 but this CPU is slow at it ({evidence}); expect a much slower "
+                  "run than with auto or fp32")
 
 
 def with_precision(cfg, precision: str):

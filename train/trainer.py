@@ -91,6 +91,10 @@ class Trainer:
         self.train_items = split_items(cfg, train_sets, manifest)
         self.val_items = self._split_items(cfg.data.val_split, manifest)
         self.test_items = self._split_items(cfg.data.test_split, manifest)
+        # Examples longer than data.seq_len are cut (first seq_len - 1 tokens + the last): counted, never silent.
+        self.items_cut = {split: items.num_cut() for split, items in
+                          (("train", self.train_items), ("val", self.val_items), ("test", self.test_items))
+                          if items is not None}
         self.blend = None  # [{path, weight, realised share per epoch}] when training on a blend
         if isinstance(self.train_items, BlendedItems):
             sampler = self.train_items.sampler
@@ -462,6 +466,10 @@ class Trainer:
             + f"\nprecision {self.precision.precision} ({self.precision.reason})")
         if self.config_changes:
             self.metrics.print(f"resumed with changed settings: {'; '.join(self.config_changes)}")
+        if any(self.items_cut.values()):
+            self.metrics.print(f"data.seq_len={cfg.data.seq_len} cuts items longer than that (each keeps its first "
+                               f"{cfg.data.seq_len - 1} tokens and its last): "
+                               + ", ".join(f"{n:,} {split}" for split, n in self.items_cut.items()))
         for part in self.blend or []:
             self.metrics.print(f"blend: {part['path']} weight {part['weight']:.4f}, realised {part['realised']:.4f} "
                                f"of each epoch's {len(self.train_items):,} samples")
@@ -541,6 +549,7 @@ class Trainer:
             "world_size": self.world_size, "parameters": self.total_params,
             "config_fingerprint": cfg.fingerprint(), "preempted": self.preempted,
             "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks, "blend": self.blend,
+            "items_cut": self.items_cut,
             "trainable_parameters": self.trainable_params, "flops_per_token": self.flops.flops_per_token,
             "peak_flops_per_rank": self.peak_flops, "peak_flops_source": self.peak_flops_source,
             "peak_flops_precision": self.precision.peak_precision, "precision": self.precision.as_dict(),

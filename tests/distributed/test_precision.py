@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, reference_overrides, run_training
@@ -18,9 +20,22 @@ def one_error_line(proc) -> str:
     return next(line for line in proc.stderr.splitlines() if "error: " in line)
 
 
-def test_a_resumed_run_keeps_its_checkpoints_precision(tiny_data, tmp_path):
-    base = reference_overrides(tiny_data, tmp_path, "run", stage=1, steps=4)
-    run_training(RECIPE, [*base, "train.precision=fp32"])
+@pytest.fixture(scope="module")
+def fp32_run(tiny_data, tmp_path_factory):
+    """4 steps in fp32 (which `auto` never picks on a CPU with bf16 flags), checkpointed at step 4; each test resumes
+    a copy of it."""
+    root = tmp_path_factory.mktemp("fp32")
+    run_training(RECIPE, [*reference_overrides(tiny_data, root, "run", stage=1, steps=4), "train.precision=fp32"])
+    return root / "run"
+
+
+def copy_of(run_dir, tmp_path, tiny_data):
+    shutil.copytree(run_dir, tmp_path / "run")
+    return reference_overrides(tiny_data, tmp_path, "run", stage=1, steps=4)
+
+
+def test_a_resumed_run_keeps_its_checkpoints_precision(fp32_run, tiny_data, tmp_path):
+    base = copy_of(fp32_run, tmp_path, tiny_data)
     run_dir = tmp_path / "run"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["precision"] == "fp32"
     checkpoint = json.loads((run_dir / "checkpoints/step_4/checkpoint.json").read_text())
@@ -35,9 +50,8 @@ def test_a_resumed_run_keeps_its_checkpoints_precision(tiny_data, tmp_path):
     assert summary["peak_flops_precision"] == "fp32" and 0 < summary["mean_mfu"] <= 1
 
 
-def test_resuming_where_the_checkpoints_precision_cannot_run_is_one_error(tiny_data, tmp_path):
-    base = reference_overrides(tiny_data, tmp_path, "run", stage=1, steps=4)
-    run_training(RECIPE, [*base, "train.precision=fp32"])
+def test_resuming_where_the_checkpoints_precision_cannot_run_is_one_error(fp32_run, tiny_data, tmp_path):
+    base = copy_of(fp32_run, tmp_path, tiny_data)
     # As if trained on a GPU in fp16: the checkpoint's identity records the precision it was trained in.
     meta_path = tmp_path / "run/checkpoints/step_4/checkpoint.json"
     meta = json.loads(meta_path.read_text())

@@ -15,7 +15,8 @@ MANIFEST = {"tokenizer": {"vocab_size": VOCAB, "eos_id": 0, "bos_id": 0, "pad_id
 def gpt2(layers: int, width: int, heads: int, seq_len: int, **sections) -> config_lib.Config:
     raw = {"model": {"model_type": "gpt2", "hf_config": {"n_layer": layers, "n_embd": width, "n_head": heads,
                                                         "n_positions": seq_len}},
-           "data": {"path": "unused", "seq_len": seq_len}, "train": {"micro_batch_size": 2}}
+           "data": {"path": "unused", "seq_len": seq_len},
+           "train": {"micro_batch_size": 2, "precision": "bf16"}}  # concrete, as `plan` resolves auto before sizing
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return config_lib.from_dict(raw)
@@ -80,7 +81,8 @@ def test_largest_micro_batch_is_what_fits_in_the_budget():
     states = memory.States(weights=100, grads=100, optimizer=300, host=0)
     acts = memory.Activations(checkpointed=40, full=200, micro_batch=4)  # 10 and 50 bytes per sample
     row = plan.Row(stage=2, offload="", states=states, act_checkpointed=40, act_full=200, framework=0)
-    p = plan.Plan(2, memory.ModelCounts(10, 10, 5, 0), acts, [row], row, True, 0, 1, False)
+    precision = plan.precision_lib.Choice("bf16", "bf16", "set in the config")
+    p = plan.Plan(2, memory.ModelCounts(10, 10, 5, 0), acts, [row], row, True, 0, 1, False, precision)
     assert plan.largest_micro_batch(p, row, True, budget=500 + 10 * 7 + 9) == 7
     assert plan.largest_micro_batch(p, row, False, budget=500 + 50 * 3) == 3
     assert plan.largest_micro_batch(p, row, False, budget=499) == 0

@@ -130,6 +130,8 @@ def test_checkpoint_verification_names_the_bad_file(tmp_path):
 
     from train.checkpoint import MANIFEST, verify
 
+    tmp_path = tmp_path / "step_3"  # a checkpoint directory is named step_<N>
+    tmp_path.mkdir()
     (tmp_path / "a.pt").write_bytes(b"12345")
     assert verify(tmp_path) == "no checkpoint.json (the save did not finish)"
     (tmp_path / MANIFEST).write_text(json.dumps({"files": {"a.pt": 5, "b.pt": 1}}))
