@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from datetime import timedelta
 
 import deepspeed
@@ -21,6 +23,20 @@ def skip_cpu_shm_kernel() -> None:
         deepspeed.ops.__compatible_ops__[SHM_KERNEL] = False
 
 
+def single_process_defaults() -> None:
+    """`python train/main.py` without a launcher: one rank on this machine, its rendezvous on loopback. Without
+    RANK/WORLD_SIZE DeepSpeed would try MPI discovery and fail with a traceback (no mpi4py). A launcher (deepspeed,
+    torchrun, srun through ours) or mpirun sets them, and then nothing here applies."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
 def init_distributed(timeout_s: int) -> None:
     skip_cpu_shm_kernel()
+    single_process_defaults()
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))

@@ -1,4 +1,5 @@
-"""Real 2-rank gloo training runs of train/main.py under the deepspeed launcher: learning, logging, preemption."""
+"""Real 2-rank gloo training runs of train/main.py under the deepspeed launcher: learning, logging, preemption; and one
+rank started with plain `python train/main.py`."""
 
 from __future__ import annotations
 
@@ -123,3 +124,18 @@ def test_training_on_a_blend_samples_its_parts_and_reports_the_shares(blend_spec
     assert f"blend: {tiny_data['shards']} weight 0.7500, realised" in proc.stdout
     metrics = read_metrics(tmp_path / "blend")
     assert summary["steps"] == 4 and "val/loss" in metrics[2] and "val/loss" in metrics[4]
+
+
+def test_plain_python_without_a_launcher_trains_as_one_rank(tiny_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "train/main.py", "--config", str(RECIPE),
+                           *reference_overrides(tiny_data, tmp_path, "solo", stage=2, steps=2)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "solo/summary.json").read_text())
+    assert (summary["world_size"], summary["steps"]) == (1, 2)
