@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 
 import torch
 
 from train.model import full_numel
-from train.precision import dtype_of
+from train.precision import dtype_of, matmul_rate
 
 # (pattern on torch.cuda.get_device_name(), dense bf16/fp16 FLOP/s). The first match wins, so more specific first.
 GPU_PEAK_FLOPS = [
@@ -100,31 +99,10 @@ def measure_peak(device: torch.device, dtype: torch.dtype, seconds: float = PROB
     one short timing can land on a slow moment. A peak below what the run reaches would put MFU over 100%: one 1024²
     fp32 timing gave 60 GFLOP/s where the same core runs 80-100, and an fp32 run showed MFU 105%."""
     if device.type == "cuda":
-        return _matmul_rate(device, dtype, 4096, seconds)
+        return matmul_rate(device, dtype, 4096, seconds)
     timings = [(n, seconds / (len(CPU_PROBE_SIZES) * PROBE_ROUNDS)) for _ in range(PROBE_ROUNDS)
                for n in CPU_PROBE_SIZES]
-    return max(_matmul_rate(device, dtype, n, share) for n, share in timings)
-
-
-def _matmul_rate(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    torch.matmul(a, b)
-    sync()
-    count, start = 0, time.perf_counter()
-    while True:
-        torch.matmul(a, b)
-        count += 1
-        if count % 4 == 0 or device.type != "cuda":
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return 2 * n ** 3 * count / elapsed
+    return max(matmul_rate(device, dtype, n, share) for n, share in timings)
 
 
 def table_peak(device_name: str) -> float | None:

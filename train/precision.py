@@ -74,25 +74,36 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
-def _matmul_flops(dtype: torch.dtype, seconds: float) -> float:
-    a = torch.randn(PROBE_SIZE, PROBE_SIZE).to(dtype)
-    b = torch.randn(PROBE_SIZE, PROBE_SIZE).to(dtype)
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
+    """FLOP/s of back-to-back n x n matmuls in `dtype` on `device` for about `seconds`, after one warm-up (also
+    train.flops' peak probe)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.matmul(a, b)
+    sync()
     count, start = 0, time.perf_counter()
     while True:
         torch.matmul(a, b)
         count += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return 2 * PROBE_SIZE ** 3 * count / elapsed
+        if count % 4 == 0 or device.type != "cuda":
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2 * n ** 3 * count / elapsed
 
 
 def probe_cpu_bf16() -> tuple[float, float]:
     """(bf16, fp32) matmul FLOP/s of a 256² matmul on this process's threads, best of interleaved rounds."""
-    torch.matmul(torch.ones(8, 8, dtype=torch.bfloat16), torch.ones(8, 8, dtype=torch.bfloat16))  # warm-up
+    cpu = torch.device("cpu")
     best = {torch.bfloat16: 0.0, torch.float32: 0.0}
     for _ in range(PROBE_ROUNDS):
         for dtype in best:
-            best[dtype] = max(best[dtype], _matmul_flops(dtype, PROBE_SECONDS))
+            best[dtype] = max(best[dtype], matmul_rate(cpu, dtype, PROBE_SIZE, PROBE_SECONDS))
     return best[torch.bfloat16], best[torch.float32]
 
 
