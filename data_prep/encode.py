@@ -51,6 +51,7 @@ class Framing:
 
     @property
     def pair_has_types(self) -> bool:
+        """Whether some token of a pair has a non-zero type (only an encoder's template: see read_framing)."""
         before, a, between, b, after = self.pair_types
         return any((*before, a, *between, b, *after))
 
@@ -98,8 +99,8 @@ def read_framing(tokenizer: Tokenizer, eos: int) -> Framing:
 
 @dataclass(frozen=True)
 class _Frame:
-    """What goes around the segments of one kind of record: ids before the first, between two, after the last (with
-    token types), and whether the final ids are trained (sft's eos)."""
+    """What goes around the segments of one kind of record: ids before the first, between two, after the last, with
+    their token types."""
 
     before: tuple[int, ...] = ()
     between: tuple[int, ...] = ()
@@ -124,8 +125,7 @@ def _frame(framing: Framing, spec: RecordSpec, segments: int) -> _Frame:
 
 def with_type_ids(framing: Framing, spec: RecordSpec) -> bool:
     """Whether records of `spec` carry token type ids (classification pairs of a BERT-style tokenizer)."""
-    return spec.kind == "classification" and bool(spec.text_pair_field) and framing.templated \
-        and framing.pair_has_types
+    return spec.kind == "classification" and bool(spec.text_pair_field) and framing.pair_has_types
 
 
 def encode_examples(encoder: TokenizerBackend, examples: list[Example], dtype: np.dtype, framing: Framing,
