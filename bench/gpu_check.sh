@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared script for a machine with a GPU (docs in bench/README.md).
+# The GPU check: our trainer's speed and precision paths on one GPU, in one script (docs in bench/README.md).
 #
-#   bash bench/gpu_check.sh --fetch-wheels   here (pip and a package index): DeepSpeed built as a wheel and the
-#                                            packages the GPU machine's image lacks or has in another version,
-#                                            into .whl/ (git-ignored through .git/info/exclude)
-#   bash bench/gpu_check.sh                  there, from the repository root, with .whl carried: installs the
-#                                            wheels into /tmp/site, then
+#   bash bench/gpu_check.sh --fetch-wheels   on a machine with pip and a package index: DeepSpeed built as a wheel
+#                                            and the packages a GPU machine without an index may lack or have in
+#                                            another version, into .whl/ (git-ignored through .git/info/exclude)
+#   bash bench/gpu_check.sh                  on the GPU machine, from the repository root (with .whl/ copied along
+#                                            if it has no index): installs the wheels into /tmp/site, then
 #                                            1. trains a ~1B-parameter Llama from config (18 x 2048, vocab 32000)
 #                                               for 30 steps, ZeRO-2, precision auto (bf16 on a GPU with bf16),
 #                                               activation checkpointing, seq 2048, micro-batch 8: tokens/s and MFU
@@ -17,8 +17,8 @@
 #                                            too; the fp16 run only where CUDA is), with the packages already
 #                                            installed (no .whl): checks this script and the Llama path, not speed.
 #
-# Figures and logs go to $OUT (the device tool brings that folder back), else runs/gpu_check/; run directories and
-# data to $GPU_CHECK_WORK (default runs/gpu_check/). $PYTHON is the interpreter (default python3).
+# Figures and logs go to $OUT if set, else runs/gpu_check/; run directories and data to $GPU_CHECK_WORK (default
+# runs/gpu_check/). $PYTHON is the interpreter (default python3). Exits 1, naming them, if any check failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -49,7 +49,7 @@ EOF
     exit 0
 fi
 
-if [[ -d .whl && $MODE != --smoke ]]; then  # wheels for Python 3.12, the GPU machine's
+if [[ -d .whl && $MODE != --smoke ]]; then  # --fetch-wheels' wheels, for Python 3.12
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -73,8 +73,8 @@ fi
         torch.cuda.is_available(), "| transformers", transformers.__version__, "| deepspeed", deepspeed.__version__)'
 } 2>&1 | tee "$OUT_DIR/gpu_check_env.txt"
 
-# One rank: the machine has one GPU. Each check runs even if the other failed, under a time limit that keeps both
-# inside the device tool's 10 minutes per command; their logs reach $OUT as they are written.
+# One rank on one GPU. Each check runs even if another failed, under its own time limit (together under 10
+# minutes), so a hung run cannot take the others' time; their logs reach $OUT_DIR as they are written.
 failed=()
 check() {  # check NAME SECONDS ARGS...: one bench run, its output to $OUT_DIR/gpu_check_NAME.txt and .json
     local name=$1 seconds=$2

@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 BASE_CONFIG = "configs/quickstart.yaml"
 # The models the bench can train, each from a transformers config, with the vocabulary of its random token ids.
-# gpt2-14m is the CPU reference of issue 5; llama-1b is what bench/gpu_check.sh trains on a GPU; llama-tiny runs the
-# same code path as llama-1b in seconds (a smoke test of the Llama path on CPU).
+# gpt2-14m is the CPU reference (bench/README.md); llama-1b is what bench/gpu_check.sh trains on a GPU; llama-tiny
+# runs the same code path as llama-1b in seconds (a smoke test of the Llama path on CPU).
 MODELS = {
     "gpt2-14m": {"model_type": "gpt2", "vocab": 8192, "describe": "GPT-2 6x384 (6 heads)",
                  "hf_config": "{{n_layer: 6, n_embd: 384, n_head: 6, n_positions: {positions}}}"},
@@ -61,7 +61,7 @@ EOS = 0
 DATA_SEED = 0
 RUN_SEED = 1234  # run.seed of our runs and --seed of the baseline; --seed-spread's second run takes RUN_SEED + 1
 # DeepSpeed's launcher (what the `deepspeed` command runs) from this interpreter: also where DeepSpeed was installed
-# with `pip --target` and has no command on the PATH (bench/gpu_check.sh on a lent GPU machine).
+# with `pip --target` and has no command on the PATH (bench/gpu_check.sh on a GPU machine without a package index).
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
@@ -154,7 +154,7 @@ def ours_overrides(args, stage: int, data_dir: Path, run_root: Path, accum: int,
         f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
         f"train.grad_accum_steps={accum}", f"train.precision={args.precision}",
         f"train.deepspeed_config=ds_configs/zero{stage}.json",
-        "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+        "train.log_every=1", "eval.every=0", "checkpoint.every=0",
         f"run.output_dir={run_root}", f"run.name={name}", "run.resume=never", f"run.seed={seed}",
     ]
 
@@ -168,7 +168,9 @@ def run_ours(args, overrides: list[str], run_dir: Path, ranks: int, threads: int
            str(free_port()), "train/main.py", "--config", BASE_CONFIG, *overrides]
     print(f"\n[{label}] ours: {shell_join(cmd, f'OMP_NUM_THREADS={threads} ')}", flush=True)
     wall = run_logged(cmd, env, log_path, args.timeout)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from train import run_dir as layout
+
+    records = [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
     train = {r["step"]: r for r in records if "train/loss" in r}
     timed = [train[s] for s in range(args.warmup + 1, args.steps + 1)]
     times = {s: r["time"] for s, r in train.items()}
@@ -225,12 +227,12 @@ def main(argv=None) -> int:
                    help="ZeRO stages to run, each with ds_configs/zero<N>.json (default 2)")
     p.add_argument("--ranks", type=int, default=2, help="ranks (deepspeed --num_gpus) per run (default 2)")
     p.add_argument("--model", choices=sorted(MODELS), default="gpt2-14m",
-                   help="the model trained, from a transformers config (default gpt2-14m, issue 5's reference)")
+                   help="the model trained, from a transformers config (default gpt2-14m, the CPU reference)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step (default 8)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing for both trainers (default off, the HF Trainer's default and the "
-                        "setting issue 5's reference figures were measured in; MFU does not count the recompute)")
+                        "setting the CPU reference figures were measured in; MFU does not count the recompute)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="precision of both trainers (default auto: resolved here as train.precision: auto would be)")
     p.add_argument("--threads", type=int, default=None,

@@ -51,7 +51,8 @@ def _hf_splits(args: argparse.Namespace) -> list[str] | None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep",
-                                     description="Corpus -> byte-level BPE tokenizer -> token shards + manifest.json.")
+                                     description="Corpus -> token shards + manifest.json, with a Hugging Face "
+                                                 "tokenizer (or a byte-level BPE tokenizer trained here).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo-corpus", help="write a jsonl corpus from the Python standard library's source")

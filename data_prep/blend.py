@@ -107,7 +107,7 @@ class BlendSampler:
             if seq_len is not None:
                 per_shard = np.asarray(shards.shard_num_tokens, dtype=np.int64) // seq_len
             else:
-                per_shard = np.asarray([e["num_docs"] for e in shards._entries], dtype=np.int64)
+                per_shard = np.asarray(shards.shard_num_docs, dtype=np.int64)
             starts = np.concatenate([[0], np.cumsum(per_shard)])
             if starts[-1] == 0:
                 what = f"no {seq_len}-token window" if seq_len is not None else "no documents"

@@ -10,20 +10,20 @@ Kinds (`--kind`):
   paragraph>\nDefinition:", "response": " def name(args):"}` (or ` class Name:`).
 - classification: the same docstrings, `{"text": <first paragraph>, "label": "function" | "class"}`.
 - sentiment: short English movie reviews, `{"text": "A gripping thriller. The cast is great.", "label": "pos"}`
-  (or `"neg"`), composed by a seeded generator from opinion phrases (Python ships no reviews): the seed's example,
-  fine-tuning a BERT-family encoder for sentiment, without a download.
+  (or `"neg"`), composed by a seeded generator from opinion phrases (Python ships no reviews), for fine-tuning
+  a BERT-family encoder for sentiment without a download.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import os
 import random
 import sysconfig
 from pathlib import Path
 
 from data_prep.errors import DataError
+from data_prep.files import atomic_file
 from data_prep.progress import log
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -114,21 +114,14 @@ def write_demo_corpus(output: str | Path, max_mb: float = 8.0, kind: str = "text
     output.parent.mkdir(parents=True, exist_ok=True)
     limit = int(max_mb * 1e6)
     docs = written = 0
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in _records(kind):
-                if written >= limit:
-                    break
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                docs += 1
-                written += sum(len(str(v).encode("utf-8")) for v in record.values())
-    except BaseException:  # e.g. the disk filled up: no partial corpus
-        tmp.unlink(missing_ok=True)
-        raise
-    if docs == 0:
-        tmp.unlink()
-        raise DataError(f"no readable .py files under {sysconfig.get_paths()['stdlib']}")
-    os.replace(tmp, output)
+    with atomic_file(output, "w") as f:  # no partial corpus, e.g. when the disk fills up
+        for record in _records(kind):
+            if written >= limit:
+                break
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            docs += 1
+            written += sum(len(str(v).encode("utf-8")) for v in record.values())
+        if docs == 0:
+            raise DataError(f"no readable .py files under {sysconfig.get_paths()['stdlib']}")
     log(f"demo-corpus ({kind}): {docs:,} documents, {written / 1e6:.1f} MB of text -> {output}")
     return docs, written

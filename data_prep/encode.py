@@ -1,5 +1,5 @@
 """Records → token ids for one tokenizer, in the model family's own framing: the one encoding `tokenize` writes into
-shards and `train.predict` applies to new records.
+shards (`encode_examples`) and `train.predict` applies to new records (`encode_input`).
 
 The framing is what the tokenizer's post-processor puts around a text or a pair of texts: `[CLS] a [SEP]` and
 `[CLS] a [SEP] b [SEP]` with token type ids 0…0 1…1 for BERT, `<s> a </s></s> b </s>` for RoBERTa,
@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from data_prep.backend import TokenizerBackend
 from data_prep.errors import DataError
-from data_prep.records import Example, RecordSpec
+from data_prep.records import Example, Extractor, RecordSpec
 
 PROBE = ("a", "b")
 
@@ -180,3 +180,18 @@ def encode_examples(encoder: TokenizerBackend, examples: list[Example], dtype: n
     else:
         extra = None
     return tokens, lengths, extra
+
+
+def encode_input(encoder: TokenizerBackend, framing: Framing, extractor: Extractor, record: dict
+                 ) -> tuple[list[int], list[int] | None]:
+    """(ids, token type ids or None where the framing has none) that a model reads of one raw `record` to make a
+    prediction, framed as its training records were: a text or classification record as `encode_examples` frames
+    it (the label is not read); an sft prompt as it stands before its response (what the template puts before a
+    text, then the prompt's ids; no eos). Raises BadRecord (`data_prep.pieces`) for a missing or non-string field."""
+    spec = extractor.spec
+    segments = extractor.input_segments(record)
+    if spec.kind == "sft":
+        flat, _ = encoder.encode_batch(segments)
+        return list(_frame(framing, spec, 1).before) + flat.astype(np.int64).tolist(), None
+    tokens, _, types = encode_examples(encoder, [Example(segments, None, None)], np.dtype(np.int64), framing, spec)
+    return tokens.tolist(), (types.tolist() if types is not None else None)

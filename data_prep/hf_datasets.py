@@ -9,7 +9,7 @@
 
 Splits: a plain `Dataset` is one split (named by its state.json `_split`, else `train`). Which splits are read:
 `--hf-split NAME` (those named), else with `--splits-from-input` train / validation / test (they become our train /
-val / test splits; the pipeline keeps them apart), else the only split or `train` (the others are named in the log,
+val / test splits; tokenize keeps them apart), else the only split or `train` (the others are named in the log,
 so that a test split never leaks into training by default). A split that does not exist, or holds no rows, is an
 error before anything is written.
 
@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from data_prep.errors import DataError
-from data_prep.readers import BadRecord, Piece, ReadStats
+from data_prep.pieces import BadRecord, Piece, ReadStats, too_large
+from data_prep.progress import log
+from data_prep.splits import SPLIT_CODES, SPLITS
 
 PREFIX = "hf:"
-# A dataset's split name -> ours (--splits-from-input) and our split codes (as in pipeline.assemble).
-OUR_SPLITS = {"train": "train", "validation": "val", "test": "test"}
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+OUR_SPLITS = {"train": "train", "validation": "val", "test": "test"}  # a dataset's split -> ours (--splits-from-input)
 READ_ROWS = 1024  # rows turned into Python objects at a time (a record batch is ~1000 rows; bounds memory)
 _NOTES: list[str] = []  # what `select` chose, logged once the inputs have passed their checks (`prepare`)
 
@@ -402,8 +402,6 @@ def check_fields(files: list[str], spec):
 def prepare(files: list[str], spec, from_input: bool) -> tuple[list[str], list[int] | None, object]:
     """For tokenize: `check_fields`, and with --splits-from-input the files ordered train, val, test (stable) and
     each one's split code. Returns (files, codes or None, spec)."""
-    from data_prep.progress import log
-
     spec = check_fields(files, spec)
     for note in dict.fromkeys(_NOTES):
         log(note)
@@ -417,12 +415,11 @@ def prepare(files: list[str], spec, from_input: bool) -> tuple[list[str], list[i
 
 def input_splits(files: list[str], codes: list[int]) -> dict[str, list[str]]:
     """Our split -> where it was read from (DATASET['split'], or the file), for the manifest."""
-    names = {code: name for name, code in SPLIT_CODES.items()}
     out: dict[str, list[str]] = {}
     for path, code in zip(files, codes):
         source = describe(path) if path.endswith(".arrow") else path
-        if source not in out.setdefault(names[code], []):
-            out[names[code]].append(source)
+        if source not in out.setdefault(SPLITS[code], []):
+            out[SPLITS[code]].append(source)
     return out
 
 
@@ -480,8 +477,6 @@ def arrow_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]],
     """(row number within the piece, record) for the record batches [piece.start, piece.end) of an arrow file
     (all of it when piece.end < 0); a ClassLabel label column's ids come out as its names. A string value over
     `max_bytes` makes the record a record_too_large BadRecord (as for parquet)."""
-    from data_prep.readers import _too_large
-
     columns, _, class_labels = _column_info(piece.path)
     split = split_of(piece.path)
     for field, flag in fields:
@@ -510,7 +505,7 @@ def arrow_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]],
                     sizes = [len(v.encode("utf-8", "surrogatepass")) for v in row
                              if isinstance(v, str) and len(v) > max_bytes // 4]
                     if sizes and max(sizes) > max_bytes:
-                        yield number, _too_large(max(sizes), max_bytes, "a value")
+                        yield number, too_large(max(sizes), max_bytes, "a value")
                         continue
                 record = dict(zip(names, row))
                 if label_names is not None:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from data_prep.errors import DataError
+from data_prep.files import write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -36,8 +37,7 @@ def tokenizer_files(directory: Path) -> list[tuple[str, Path]]:
 def tokenizer_fingerprint(directory: str | Path) -> str:
     """sha256 over the tokenizer files of the directory (`TOKENIZER_FILES`, `TOKENIZER_DIRS`), sorted by relative
     path (posix): for each file, its relative path (UTF-8), a NUL byte, its size as 8 bytes little-endian, then its
-    bytes, read in 1 MiB chunks. Any change to any of these files changes it; other files are ignored (for a
-    directory holding only tokenizer files this equals the earlier whole-directory fingerprint)."""
+    bytes, read in 1 MiB chunks. Any change to any of these files changes it; other files are ignored."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: tokenizer directory does not exist")
@@ -87,19 +87,9 @@ def build_manifest(*, tokenizer_dir: str | Path, vocab_size: int, special_ids: d
 
 
 def write_manifest(directory: str | Path, manifest: dict) -> Path:
-    """Write `manifest.json` via a temp file + fsync + rename, so readers never see a partial manifest."""
+    """Write `manifest.json` atomically, so readers never see a partial manifest."""
     path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # e.g. the disk filled up: no partial manifest
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(manifest, indent=2) + "\n")
     return path
 
 

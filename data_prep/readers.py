@@ -4,10 +4,10 @@ Formats (by file name): `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object per
 batches through pyarrow), `.csv` (header row names the fields) and `.txt` (one document per file, or one per
 blank-line separated block with `txt_mode="paragraph"`). Everything streams: a corpus is never held in memory.
 
-A record that cannot be read (bad JSON, bad UTF-8, not an object, ...) comes out as a `BadRecord` with a stable
-`reason` and a message; `data_prep.records` decides whether that stops the run (the default) or is counted and
-skipped. Problems that concern a whole file (a parquet/csv file without the requested column, an unreadable file)
-always stop the run.
+A record that cannot be read (bad JSON, bad UTF-8, not an object, ...) comes out as a `BadRecord` (see
+`data_prep.pieces`) with a stable `reason` and a message; `data_prep.records` decides whether that stops the run (the
+default) or is counted and skipped. Problems that concern a whole file (a parquet/csv file without the requested
+column, an unreadable file) always stop the run.
 
 Work units: a plain `.jsonl` file, or a `.txt` file in paragraph mode, is cut into byte ranges of about
 `chunk_bytes` that start at a line start (paragraph mode: after a blank line); a parquet file into runs of row
@@ -23,13 +23,14 @@ import gzip
 import io
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 import orjson
 
+from data_prep import hf_datasets
 from data_prep.errors import DataError
+from data_prep.pieces import BadRecord, Piece, ReadStats, json_type, too_large
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".csv", ".txt")
 TXT_MODES = ("file", "paragraph")
@@ -39,49 +40,6 @@ TXT_MODES = ("file", "paragraph")
 # record.
 DEFAULT_MAX_RECORD_MB = 16.0
 BOM = b"\xef\xbb\xbf"
-
-
-def _too_large(size: int, max_bytes: int, what: str = "record") -> "BadRecord":
-    return BadRecord("record_too_large", f"{what} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB "
-                                         "limit per record; split the document, raise --max-record-mb (tokenizing "
-                                         "a record takes ~150x its size in memory) or pass --on-bad-record skip")
-
-
-class Document(NamedTuple):
-    text: str
-    source: str  # the input file, as expanded
-    line: int  # 1-based line (jsonl, txt paragraph) or row (csv, parquet); 1 for a whole-file txt document
-
-
-class BadRecord(NamedTuple):
-    reason: str  # stable id counted in the manifest: invalid_utf8, invalid_json, not_an_object, ...
-    message: str  # without the location; the caller prefixes "<file>:<line>: "
-
-
-@dataclass
-class ReadStats:
-    """Counters updated while reading; `docs_read` counts every record, including the dropped and skipped ones."""
-
-    docs_read: int = 0
-    docs_empty_dropped: int = 0
-    bytes_read: int = 0
-    bad_records: dict = field(default_factory=dict)  # reason -> count (--on-bad-record skip)
-
-    def as_dict(self) -> dict:
-        return {"docs_read": self.docs_read, "docs_empty_dropped": self.docs_empty_dropped,
-                "bytes_read": self.bytes_read, "bad_records": dict(sorted(self.bad_records.items()))}
-
-    def add(self, other: dict) -> None:
-        self.docs_read += other["docs_read"]
-        self.docs_empty_dropped += other["docs_empty_dropped"]
-        self.bytes_read += other["bytes_read"]
-        for reason, n in other["bad_records"].items():
-            self.bad_records[reason] = self.bad_records.get(reason, 0) + n
-
-
-def _json_type(value) -> str:
-    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
-    return names.get(type(value), "null")
 
 
 def input_format(path: str) -> str | None:
@@ -121,9 +79,7 @@ def expand_inputs(inputs: Iterable[str], hf_splits: list[str] | None = None,
         raise DataError("--hf-split chooses splits of hf: inputs; none is given")
     for arg in inputs:
         if arg.startswith("hf:"):
-            from data_prep.hf_datasets import expand
-
-            matches = expand(arg, hf_splits, splits_from_input)
+            matches = hf_datasets.expand(arg, hf_splits, splits_from_input)
         elif os.path.isfile(arg):
             if not _supported(arg):
                 raise DataError(f"{arg}: unsupported input type; {UNSUPPORTED_HINT}")
@@ -149,15 +105,6 @@ def expand_inputs(inputs: Iterable[str], hf_splits: list[str] | None = None,
 
 
 # ---------------------------------------------------------------------------------------------- work units
-
-
-class Piece(NamedTuple):
-    """Part of one input file: bytes [start, end) (plain jsonl, paragraph txt), row groups [start, end) (parquet),
-    or the whole file (start 0, end -1)."""
-
-    path: str
-    start: int
-    end: int
 
 
 def _splittable(path: str, txt_mode: str) -> bool:
@@ -226,9 +173,7 @@ def plan_units(files: list[str], chunk_bytes: int, txt_mode: str = "file") -> li
             total = sum(s for _, _, s in ranges) or 1
             pieces = [(Piece(path, a, b), size * s // total) for a, b, s in ranges]
         elif path.endswith(".arrow"):  # an hf: split: runs of record batches
-            from data_prep.hf_datasets import arrow_ranges
-
-            ranges = arrow_ranges(path, chunk_bytes)
+            ranges = hf_datasets.arrow_ranges(path, chunk_bytes)
             total = sum(s for _, _, s in ranges) or 1
             pieces = [(Piece(path, a, b), size * s // total) for a, b, s in ranges]
         else:
@@ -383,7 +328,7 @@ def _fast_record(raw: bytes) -> dict | None:
 def _jsonl_records(piece: Piece, stats: ReadStats, max_bytes: int) -> Iterator[tuple[int, object]]:
     for number, raw in _lines(piece, stats, max_bytes):
         if isinstance(raw, int):
-            yield number, _too_large(raw, max_bytes, "line")
+            yield number, too_large(raw, max_bytes, "line")
             continue
         record = _fast_record(raw)
         if record is not None:
@@ -407,7 +352,7 @@ def _jsonl_records(piece: Piece, stats: ReadStats, max_bytes: int) -> Iterator[t
                                                     "the line")
             continue
         if not isinstance(record, dict):
-            yield number, BadRecord("not_an_object", f"record is a JSON {_json_type(record)}, not an object; "
+            yield number, BadRecord("not_an_object", f"record is a JSON {json_type(record)}, not an object; "
                                                      "fix the record or remove the line")
             continue
         yield number, record
@@ -419,7 +364,7 @@ def _txt_records(piece: Piece, stats: ReadStats, txt_mode: str, max_bytes: int) 
             size = os.fstat(f.fileno()).st_size
             if size > max_bytes:
                 stats.bytes_read += size
-                yield 1, _too_large(size, max_bytes, "the file (one document with --txt-mode file; "
+                yield 1, too_large(size, max_bytes, "the file (one document with --txt-mode file; "
                                                       "--txt-mode paragraph reads one per blank-line block)")
                 return
             raw = f.read()
@@ -445,10 +390,10 @@ def _txt_records(piece: Piece, stats: ReadStats, txt_mode: str, max_bytes: int) 
                 block = []
             continue
         if size:
-            yield (first, _too_large(size, max_bytes, "paragraph")) if size > max_bytes else _txt_block(block, first)
+            yield (first, too_large(size, max_bytes, "paragraph")) if size > max_bytes else _txt_block(block, first)
             block, size = [], 0
     if size:
-        yield (first, _too_large(size, max_bytes, "paragraph")) if size > max_bytes else _txt_block(block, first)
+        yield (first, too_large(size, max_bytes, "paragraph")) if size > max_bytes else _txt_block(block, first)
 
 
 def _txt_block(block: list[bytes], first: int) -> tuple[int, object]:
@@ -490,7 +435,7 @@ def _parquet_records(piece: Piece, stats: ReadStats, fields: list[tuple[str, str
             number += 1
             sizes = [len(v.encode("utf-8", "surrogatepass")) for v in row
                      if isinstance(v, str) and len(v) > max_bytes // 4]
-            yield number, _too_large(max(sizes), max_bytes, "a value") if sizes and max(sizes) > max_bytes \
+            yield number, too_large(max(sizes), max_bytes, "a value") if sizes and max(sizes) > max_bytes \
                 else dict(zip(names, row))
 
 
@@ -555,9 +500,7 @@ def iter_piece(piece: Piece, stats: ReadStats, fields: list[tuple[str, str]], tx
     if fmt == "parquet":
         return _parquet_records(piece, stats, fields, max_bytes)
     if fmt == "arrow":
-        from data_prep.hf_datasets import arrow_records
-
-        return arrow_records(piece, stats, fields, max_bytes)
+        return hf_datasets.arrow_records(piece, stats, fields, max_bytes)
     return _csv_records(piece, stats, fields, max_bytes)
 
 
@@ -565,9 +508,7 @@ def location(piece: Piece, number: int) -> str:
     """'file:line' (jsonl, txt) or 'file:row N' (csv: data row, parquet: row) for record `number` of the piece."""
     fmt = input_format(piece.path)
     if fmt == "arrow":
-        from data_prep.hf_datasets import location as hf_location
-
-        return hf_location(piece, number)  # DATASET['split'][row]
+        return hf_datasets.location(piece, number)  # DATASET['split'][row]
     if fmt == "parquet":
         start_row = 0
         if piece.end >= 0:
@@ -586,20 +527,3 @@ def location(piece: Piece, number: int) -> str:
                 base += chunk.count(b"\n")
                 remaining -= len(chunk)
     return f"{piece.path}:{base + number}"
-
-
-def iter_documents(files: Iterable[str], text_field: str | list[str] = "text", stats: ReadStats | None = None,
-                   txt_mode: str = "file", field_join: str = "\n\n", max_record_mb: float | None = None
-                   ) -> Iterator[Document]:
-    """Non-empty text documents of `files` in order (error on the first bad record); empty or whitespace-only ones
-    are dropped and counted in `stats`. Used by tokenizer training; `tokenize` goes through `data_prep.records`."""
-    from data_prep.records import RecordSpec, Extractor
-
-    fields = [text_field] if isinstance(text_field, str) else list(text_field)
-    extractor = Extractor(RecordSpec(text_fields=tuple(fields), field_join=field_join, txt_mode=txt_mode,
-                                     max_record_mb=max_record_mb or DEFAULT_MAX_RECORD_MB))
-    stats = stats if stats is not None else ReadStats()
-    for path in files:
-        piece = Piece(path, 0, -1)
-        for number, example in extractor.examples(piece, stats):
-            yield Document(example.segments[0], path, number)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
+
+from tokenizers import Tokenizer
 
 from data_prep.errors import DataError
-from data_prep.readers import (DEFAULT_MAX_RECORD_MB, BadRecord, Piece, ReadStats, _json_type, iter_piece,
-                                location)
+from data_prep.pieces import BadRecord, Piece, ReadStats, json_type
+from data_prep.readers import DEFAULT_MAX_RECORD_MB, iter_piece, location
 
 RECORD_KINDS = ("text", "sft", "classification")
 ON_BAD = ("error", "skip")
@@ -116,9 +118,10 @@ class Example(NamedTuple):
     label: object  # classification: str or int; else None
 
 
-class _Bad(Exception):
-    def __init__(self, reason: str, message: str):
-        self.reason, self.message = reason, message
+class Document(NamedTuple):
+    text: str
+    source: str  # the input file, as expanded
+    line: int  # 1-based line (jsonl, txt paragraph) or row (csv, parquet); 1 for a whole-file txt document
 
 
 # ---------------------------------------------------------------------------------------------- chat templates
@@ -141,6 +144,12 @@ def chat_template(tokenizer_dir: str | Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
+
+
+def template_specials(tokenizer: Tokenizer, special_ids: dict) -> dict:
+    """The special tokens a chat template may name ({{ eos_token }}, {{ bos_token }}, {{ pad_token }}; None where the
+    tokenizer has none), from `data_prep.backend.special_token_ids`."""
+    return {f"{key[:-3]}_token": tokenizer.id_to_token(i) if i is not None else None for key, i in special_ids.items()}
 
 
 def chat_template_sha256(tokenizer_dir: str | Path) -> str | None:
@@ -182,16 +191,16 @@ class ChatRenderer:
                 prefix = self.render(messages[:i], True)
                 full = self.render(messages[:i + 1], False)
                 if not prefix.startswith(done) or not full.startswith(prefix):
-                    raise _Bad("bad_messages", "the chat template does not render this conversation turn by turn "
-                                               "(a prefix renders differently); cannot mask it")
+                    raise BadRecord("bad_messages", "the chat template does not render this conversation turn by turn "
+                                                    "(a prefix renders differently); cannot mask it")
                 segs += [prefix[len(done):], full[len(prefix):]]
                 train += [False, True]
                 done = full
             rest = self.render(messages, False)
         except self._error as exc:
-            raise _Bad("bad_messages", f"the chat template rejected the messages ({exc})") from None
+            raise BadRecord("bad_messages", f"the chat template rejected the messages ({exc})") from None
         if not rest.startswith(done):
-            raise _Bad("bad_messages", "the chat template does not render this conversation turn by turn")
+            raise BadRecord("bad_messages", "the chat template does not render this conversation turn by turn")
         if len(rest) > len(done):
             segs.append(rest[len(done):])
             train.append(False)
@@ -223,12 +232,12 @@ class Extractor:
     def _string(self, record: dict, name: str, flag: str, what: str) -> str:
         if name not in record:
             fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-            raise _Bad("missing_field", f"record has no field {name!r} (fields: {fields}); fix the record or "
-                                        f"{self._hint(flag, what)} (now {name!r})")
+            raise BadRecord("missing_field", f"record has no field {name!r} (fields: {fields}); fix the record or "
+                                             f"{self._hint(flag, what)} (now {name!r})")
         value = record[name]
         if not isinstance(value, str):
-            raise _Bad("not_a_string", f"field {name!r} is a JSON {_json_type(value)}, not a string; fix the record "
-                                       f"or {self._hint(flag, what)} (now {name!r})")
+            raise BadRecord("not_a_string", f"field {name!r} is a JSON {json_type(value)}, not a string; fix the "
+                                            f"record or {self._hint(flag, what)} (now {name!r})")
         return value
 
     def _text(self, record: dict) -> str:
@@ -236,39 +245,51 @@ class Extractor:
         parts = [self._string(record, f, "--text-field", "the text") for f in spec.text_fields]
         return parts[0] if len(parts) == 1 else spec.field_join.join(parts)
 
+    def input_segments(self, record: dict) -> list[str]:
+        """What a model reads of `record` to make a prediction: [text] (text), [text] or [text, pair]
+        (classification; the label is not read), [prompt] (sft with --prompt-field: the response is what the model
+        writes). Raises BadRecord for a missing or non-string field."""
+        spec = self.spec
+        if spec.kind == "sft":
+            return [self._string(record, spec.prompt_field, "--prompt-field", "the prompt")]
+        text = self._text(record)
+        if spec.kind == "classification" and spec.text_pair_field:
+            return [text, self._string(record, spec.text_pair_field, "--text-pair-field", "the second text")]
+        return [text]
+
     def _label(self, record: dict):
         name = self.spec.label_field
         if name not in record:
             fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-            raise _Bad("missing_field", f"record has no field {name!r} (fields: {fields}); fix the record or "
-                                        f"{self._hint('--label-field', 'the label')} (now {name!r})")
+            raise BadRecord("missing_field", f"record has no field {name!r} (fields: {fields}); fix the record or "
+                                             f"{self._hint('--label-field', 'the label')} (now {name!r})")
         value = record[name]
         if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise _Bad("bad_label", f"label field {name!r} is a JSON {_json_type(value)}, not a string or a "
-                                    "non-negative integer; fix the record")
+            raise BadRecord("bad_label", f"label field {name!r} is a JSON {json_type(value)}, not a string or a "
+                                         "non-negative integer; fix the record")
         if isinstance(value, int) and value < 0:
-            raise _Bad("bad_label", f"label field {name!r} is {value}, not a string or a non-negative integer; "
-                                    "fix the record")
+            raise BadRecord("bad_label", f"label field {name!r} is {value}, not a string or a non-negative integer; "
+                                         "fix the record")
         if self.spec.num_labels is not None:
             if not isinstance(value, int) or value >= self.spec.num_labels:
-                raise _Bad("unknown_label", f"label {value!r} is not an integer in [0, --num-labels "
-                                            f"{self.spec.num_labels}); fix the record or raise --num-labels (or "
-                                            "name string labels with --labels)")
+                raise BadRecord("unknown_label", f"label {value!r} is not an integer in [0, --num-labels "
+                                                 f"{self.spec.num_labels}); fix the record or raise --num-labels (or "
+                                                 "name string labels with --labels)")
         elif self._label_set is None and isinstance(value, int) and value >= MAX_UNDECLARED_LABELS:
-            raise _Bad("bad_label", f"label {value} is too large: integer labels are class ids, {value + 1:,} "
-                                    f"classes without --num-labels or --labels (the limit is "
-                                    f"{MAX_UNDECLARED_LABELS:,}); fix the record or declare the classes with "
-                                    "--num-labels N")
+            raise BadRecord("bad_label", f"label {value} is too large: integer labels are class ids, {value + 1:,} "
+                                         f"classes without --num-labels or --labels (the limit is "
+                                         f"{MAX_UNDECLARED_LABELS:,}); fix the record or declare the classes with "
+                                         "--num-labels N")
         if self._label_set is not None:
             known = value in self._label_set or (isinstance(value, int) and value < len(self.spec.labels))
             if not known:
                 shown = ", ".join(map(str, self.spec.labels[:10]))
-                raise _Bad("unknown_label", f"label {value!r} is not one of --labels ({shown}); fix the record "
-                                            "or add it to --labels")
+                raise BadRecord("unknown_label", f"label {value!r} is not one of --labels ({shown}); fix the record "
+                                                 "or add it to --labels")
         return value
 
     def extract(self, record) -> Example | None:
-        """The Example of one record; None for an empty document. Raises _Bad."""
+        """The Example of one record; None for an empty document. Raises BadRecord."""
         spec = self.spec
         if isinstance(record, str):  # a .txt document
             if spec.kind != "text":
@@ -279,20 +300,16 @@ class Extractor:
             text = self._text(record)
             return Example([text], None, None) if text.strip() else None
         if spec.kind == "classification":
-            text = self._text(record)
-            pair = self._string(record, spec.text_pair_field, "--text-pair-field", "the second text") \
-                if spec.text_pair_field else None
+            segments = self.input_segments(record)
             label = self._label(record)
-            if not text.strip():
-                return None
-            return Example([text] if pair is None else [text, pair], None, label)
+            return Example(segments, None, label) if segments[0].strip() else None
         # sft
         if spec.messages_field:
             segs, train = self.chat.segments(self._messages(record))
         else:
-            prompt = self._string(record, spec.prompt_field, "--prompt-field", "the prompt")
-            response = self._string(record, spec.response_field, "--response-field", "the response")
-            segs, train = [prompt, response], [False, True]
+            segs = self.input_segments(record) + [self._string(record, spec.response_field, "--response-field",
+                                                               "the response")]
+            train = [False, True]
         if not any(t and s.strip() for s, t in zip(segs, train)):
             return None
         return Example(segs, train, None)
@@ -301,8 +318,8 @@ class Extractor:
         name = self.spec.messages_field
         if name not in record:
             fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-            raise _Bad("missing_field", f"record has no field {name!r} (fields: {fields}); fix the record or "
-                                        f"{self._hint('--messages-field', 'the messages')} (now {name!r})")
+            raise BadRecord("missing_field", f"record has no field {name!r} (fields: {fields}); fix the record or "
+                                             f"{self._hint('--messages-field', 'the messages')} (now {name!r})")
         messages = record[name]
         if isinstance(messages, str):  # csv/parquet may carry the list as a JSON string
             try:
@@ -313,11 +330,11 @@ class Extractor:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages)
         if not ok:
-            raise _Bad("bad_messages", f"field {name!r} is not a non-empty list of {{\"role\": str, \"content\": "
-                                       "str}} messages; fix the record")
+            raise BadRecord("bad_messages", f"field {name!r} is not a non-empty list of {{\"role\": str, \"content\": "
+                                            "str}} messages; fix the record")
         if not any(m["role"] == "assistant" for m in messages):
-            raise _Bad("bad_messages", f"field {name!r} has no assistant message, so nothing to train on; fix the "
-                                       "record")
+            raise BadRecord("bad_messages", f"field {name!r} has no assistant message, so nothing to train on; fix the "
+                                            "record")
         return messages
 
     def examples(self, piece: Piece, stats: ReadStats) -> Iterator[tuple[int, Example]]:
@@ -327,9 +344,9 @@ class Extractor:
             stats.docs_read += 1
             try:
                 if isinstance(record, BadRecord):
-                    raise _Bad(record.reason, record.message)
+                    raise record
                 example = self.extract(record)
-            except _Bad as bad:
+            except BadRecord as bad:
                 if self.spec.on_bad == "error":
                     raise DataError(f"{location(piece, number)}: {bad.message}") from None
                 stats.bad_records[bad.reason] = stats.bad_records.get(bad.reason, 0) + 1
@@ -338,3 +355,18 @@ class Extractor:
                 stats.docs_empty_dropped += 1
                 continue
             yield number, example
+
+
+def iter_documents(files: Iterable[str], text_field: str | list[str] = "text", stats: ReadStats | None = None,
+                   txt_mode: str = "file", field_join: str = "\n\n", max_record_mb: float | None = None
+                   ) -> Iterator[Document]:
+    """Non-empty text documents of `files` in order (error on the first bad record); empty or whitespace-only ones
+    are dropped and counted in `stats`. Used by tokenizer training; `tokenize` reads Examples (`Extractor`)."""
+    fields = [text_field] if isinstance(text_field, str) else list(text_field)
+    extractor = Extractor(RecordSpec(text_fields=tuple(fields), field_join=field_join, txt_mode=txt_mode,
+                                     max_record_mb=max_record_mb or DEFAULT_MAX_RECORD_MB))
+    stats = stats if stats is not None else ReadStats()
+    for path in files:
+        piece = Piece(path, 0, -1)
+        for number, example in extractor.examples(piece, stats):
+            yield Document(example.segments[0], path, number)

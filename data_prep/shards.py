@@ -14,14 +14,15 @@ shards, sizes and sha256s are listed in `manifest.json` (see `data_prep.manifest
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.errors import DataError
+from data_prep.files import atomic_file, write_atomic
 from data_prep.manifest import load_manifest
 
 __all__ = ["ShardWriter", "ShardSet", "load_manifest", "dtype_for_vocab", "shard_names", "extra_names"]
@@ -42,19 +43,8 @@ def extra_names(split: str, k: int) -> tuple[str, str]:
     return f"{split}_{k:05d}.mask.bin", f"{split}_{k:05d}.labels.npy"
 
 
-def _write_atomic(path: Path, data: bytes) -> str:
-    """Write `data` to `path` via a temp name + fsync + rename; returns its sha256."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # e.g. the disk filled up: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    return hashlib.sha256(data).hexdigest()
+class _ShardDropped(Exception):
+    """Closes a dropped shard's open files (`ShardWriter.abort`)."""
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -66,8 +56,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 class ShardWriter:
     """Appends batches of documents to a split's shards, rolling over to a new shard at `shard_tokens`.
 
-    Files are written under a temp name (`.<name>.tmp`) and renamed when the shard is complete; sha256 is updated
-    from the bytes as they are written, so nothing is read back. `with_mask` (sft) writes a parallel uint8
+    Files are written under a temporary name and renamed when the shard is complete (`data_prep.files`); sha256 is
+    updated from the bytes as they are written, so nothing is read back. `with_mask` (sft) writes a parallel uint8
     `.mask.bin` per shard; `with_labels` (classification) a per-document int64 `.labels.npy`.
     """
 
@@ -81,17 +71,16 @@ class ShardWriter:
         self.shard_tokens = int(shard_tokens)
         self.with_mask, self.with_labels = with_mask, with_labels
         self.entries: list[dict] = []
-        self._file = None  # the open temp .bin of the current shard, or None between shards
+        self._files: contextlib.ExitStack | None = None  # the current shard's open files; None between shards
 
     def _open(self) -> None:
         self._bin_name, self._idx_name = shard_names(self.split, len(self.entries))
         self._mask_name, self._labels_name = extra_names(self.split, len(self.entries))
-        self._tmp = self.out_dir / f".{self._bin_name}.tmp"
-        self._file = open(self._tmp, "wb")
+        self._files = contextlib.ExitStack()
+        self._file = self._files.enter_context(atomic_file(self.out_dir / self._bin_name))
         self._sha = hashlib.sha256()
         if self.with_mask:
-            self._mask_tmp = self.out_dir / f".{self._mask_name}.tmp"
-            self._mask_file = open(self._mask_tmp, "wb")
+            self._mask_file = self._files.enter_context(atomic_file(self.out_dir / self._mask_name))
             self._mask_sha = hashlib.sha256()
         self._lengths: list[np.ndarray] = []  # document lengths of this shard, one array per add() slice
         self._labels: list[np.ndarray] = []
@@ -117,7 +106,7 @@ class ShardWriter:
         first_doc, first_token = 0, 0
         # One iteration per shard touched, not per document: a slice of documents goes into each shard.
         while first_doc < len(doc_lengths):
-            if self._file is None:
+            if self._files is None:
                 self._open()
             room = self.shard_tokens - self._num_tokens  # > 0 while the shard is open
             # Documents up to and including the one that brings the shard to >= shard_tokens.
@@ -138,36 +127,27 @@ class ShardWriter:
             if self._num_tokens >= self.shard_tokens:
                 self._finish()
 
-    @staticmethod
-    def _close_file(f, tmp: Path, final: Path) -> None:
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, final)
-
     def _finish(self) -> None:
-        """Close the current shard: fsync + rename its tokens (and mask), write its index (and labels), record it."""
-        self._close_file(self._file, self._tmp, self.out_dir / self._bin_name)
-        self._file = None
+        """Close the current shard: its tokens (and mask) land, then its index (and labels); record it."""
+        files, self._files = self._files, None
+        files.close()
         entry = {"file": self._bin_name, "index": self._idx_name, "num_tokens": self._num_tokens}
-        if self.with_mask:
-            self._close_file(self._mask_file, self._mask_tmp, self.out_dir / self._mask_name)
         lengths = np.concatenate(self._lengths)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        index_sha = _write_atomic(self.out_dir / self._idx_name, _npy_bytes(offsets))
+        index_sha = write_atomic(self.out_dir / self._idx_name, _npy_bytes(offsets))
         entry.update({"num_docs": len(lengths), "sha256": self._sha.hexdigest(), "index_sha256": index_sha})
         if self.with_mask:
             entry.update({"mask": self._mask_name, "mask_sha256": self._mask_sha.hexdigest()})
         if self.with_labels:
             labels = np.concatenate(self._labels).astype(np.int64)
             entry.update({"labels": self._labels_name,
-                          "labels_sha256": _write_atomic(self.out_dir / self._labels_name, _npy_bytes(labels))})
+                          "labels_sha256": write_atomic(self.out_dir / self._labels_name, _npy_bytes(labels))})
         self.entries.append(entry)
 
     def close(self) -> list[dict]:
         """Finish the last (partial) shard; return every shard's manifest entry."""
-        if self._file is not None:
+        if self._files is not None:
             if self._num_tokens:
                 self._finish()
             else:
@@ -176,19 +156,17 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (after an error); completed shards stay, but no manifest will list them."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._tmp.unlink(missing_ok=True)
-            if self.with_mask:
-                self._mask_file.close()
-                self._mask_tmp.unlink(missing_ok=True)
+        if self._files is not None:
+            files, self._files = self._files, None
+            with contextlib.suppress(_ShardDropped), files:
+                raise _ShardDropped  # closed by an exception, each open file removes its temporary
 
 
 class ShardSet:
     """Read-only view of one split of a shard directory; token files are memmapped on first use and cached.
 
-    Attributes: `manifest` (dict), `split`, `dtype` (np.dtype), `num_tokens`, `num_shards`, `shard_num_tokens`.
+    Attributes: `manifest` (dict), `split`, `dtype` (np.dtype), `num_tokens`, `num_shards`, `shard_num_tokens`,
+    `shard_num_docs`.
     """
 
     def __init__(self, directory: str | Path, split: str = "train"):
@@ -202,6 +180,7 @@ class ShardSet:
         self._entries = splits[split]["shards"]
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.shard_num_tokens = [int(e["num_tokens"]) for e in self._entries]
+        self.shard_num_docs = [int(e["num_docs"]) for e in self._entries]
         self.num_tokens = sum(self.shard_num_tokens)
         self.num_shards = len(self._entries)
         self._tokens: dict[int, np.memmap] = {}

@@ -1,13 +1,25 @@
-"""Train/val assignment by document ordinal: deterministic, and independent of batch size or file boundaries.
+"""Train / val / test assignment by document ordinal: deterministic, and independent of batch size, workers, chunks
+or file boundaries.
 
-Document n (0-based, counting the non-empty documents in reading order) goes to val iff splitmix64(n) / 2**64 <
-val_fraction (using the top 53 bits, exact in float64). Document 0 always goes to val when val_fraction > 0, so a
-small corpus cannot end up with an empty validation split by chance.
+Document n (0-based, counting the non-empty documents in reading order) has the hash h = splitmix64(n), a bijection
+on uint64, so no two documents tie. It goes to val iff h < A, to test iff A <= h < B, else to train. By fraction,
+A = ceil(val_fraction * 2**53) << 11, so that a document goes to val iff the top 53 bits of its hash / 2**53 <
+val_fraction (exact in float64), and B = A + ceil(test_fraction * 2**53) << 11. By count, A is one more than the
+val_count-th smallest hash (so exactly val_count documents fall below it) and B one more than the test_count-th
+smallest hash >= A. With val by fraction, document 0 always goes to val, so that a small corpus cannot end up with
+an empty validation split by chance. Everything depends on the document ordinal (and, for counts, on the total
+number of documents) alone.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from data_prep.errors import DataError
+
+SPLITS = ("train", "val", "test")  # our splits, by their code: SplitSpec.assign's 0, 1, 2
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+SPLIT_CHUNK = 1 << 20
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -19,38 +31,17 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def val_mask(first_ordinal: int, count: int, val_fraction: float) -> np.ndarray:
-    """Boolean mask over documents first_ordinal .. first_ordinal+count-1: True = validation."""
-    if val_fraction <= 0:
-        return np.zeros(count, dtype=bool)
-    ordinals = np.arange(first_ordinal, first_ordinal + count, dtype=np.uint64)
-    uniform = (splitmix64(ordinals) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    return (uniform < val_fraction) | (ordinals == 0)
-
-
-# ---------------------------------------------------------------------------------------------- val + test, counts
-#
-# SplitSpec generalises val_mask: document n has hash h = splitmix64(n) (a bijection on uint64, so no ties). It goes
-# to val iff h < A, to test iff A <= h < B, else to train. By fraction, A = ceil(val_fraction * 2**53) << 11, which
-# is exactly `val_mask`'s rule (top 53 bits / 2**53 < val_fraction), and B = A + ceil(test_fraction * 2**53) << 11.
-# By count, A is one more than the val_count-th smallest hash (so exactly val_count documents fall below it) and B
-# one more than the test_count-th smallest hash >= A. The val rule "document 0 goes to val" applies to val by
-# fraction, as in val_mask. Everything depends on the document ordinal (and, for counts, on the total number of
-# documents), never on workers, batches, chunks or files.
-
-SPLIT_CHUNK = 1 << 20
-
-
 class SplitSpec:
+    """Which documents go to val and test: by fraction or by count (module docstring), or by the split of the input
+    they come from (`from_input`)."""
+
     def __init__(self, val_fraction: float = 0.0, val_count: int = 0, test_fraction: float = 0.0,
                  test_count: int = 0, from_input: bool = False):
-        from data_prep.errors import DataError
-
         if from_input and (val_fraction or val_count or test_fraction or test_count):
             raise DataError("--splits-from-input takes val and test from the dataset's own splits; drop --val-fraction"
                             ", --val-count, --test-fraction and --test-count")
         # from_input: documents keep the split of the hf: dataset split they come from (train / validation / test ->
-        # train / val / test, see data_prep.hf_datasets); the pipeline plans each split's units apart and records
+        # train / val / test, see data_prep.hf_datasets); tokenize plans each split's units apart and records
         # every unit's split, so no hash is involved.
         self.from_input = bool(from_input)
 
@@ -95,9 +86,7 @@ class SplitSpec:
         return int(np.sort(best)[k - 1])
 
     def thresholds(self, num_docs: int) -> tuple[int, int]:
-        """(A, B) for a corpus of num_docs documents (see above); DataError if a count cannot be met."""
-        from data_prep.errors import DataError
-
+        """(A, B) for a corpus of num_docs documents (module docstring); DataError if a count cannot be met."""
         if self.val_count + self.test_count >= num_docs and (self.val_count or self.test_count):
             raise DataError(f"--val-count {self.val_count} + --test-count {self.test_count} leave no training "
                             f"documents: the inputs hold {num_docs}")

@@ -9,8 +9,6 @@ importing transformers here. `<|endoftext|>` is eos and bos (GPT-2 style); `<|pa
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -18,8 +16,10 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from data_prep.errors import DataError
+from data_prep.files import atomic_directory
+from data_prep.pieces import ReadStats
 from data_prep.progress import Progress
-from data_prep.readers import ReadStats, iter_documents
+from data_prep.records import iter_documents
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -51,28 +51,17 @@ def build_trainer(vocab_size: int) -> tuple[Tokenizer, trainers.BpeTrainer]:
 
 
 def save_tokenizer_dir(tokenizer: Tokenizer, output: str | Path, model_max_length: int) -> Path:
-    """Write the HF tokenizer dir to a temp dir next to `output`, then move it into place (replacing an old one)."""
+    """Write the HF tokenizer dir; it appears atomically, replacing an old one (`data_prep.files`)."""
     output = Path(output)
     check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(output) as tmp:
         tokenizer.save(str(tmp / "tokenizer.json"))
         special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
                   "clean_up_tokenization_spaces": False, "add_prefix_space": False, **special}
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            os.replace(output, old)  # a directory cannot be renamed over a non-empty one; move the old aside
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

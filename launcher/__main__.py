@@ -32,12 +32,12 @@ from launcher import hosts as hosts_lib
 from launcher import process
 from launcher import rendezvous
 from launcher.hosts import LaunchError
+from train.exit_codes import OK, PREEMPTED
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = ROOT / "train" / "main.py"
 RANK_WRAPPER = ROOT / "launcher" / "rank.py"
 DEFAULT_MULTI_NODE_PORT = 29500
-PREEMPTED = 75  # train.preemption.EXIT_CODE
 
 
 def free_port(host: str = "") -> int:
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         extra.update(store.environment())
     print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in extra.items()), *map(shlex.quote, command)]), flush=True)
     if args.dry_run:
-        return 0
+        return OK
     if mode == "slurm":
         def forward(child):
             child.send_signal(signal.SIGUSR1)
@@ -161,13 +161,13 @@ def main(argv=None) -> int:
             return f"asked {process.signal_ranks(child, str(ENTRY))} local rank(s) to checkpoint and exit"
     with tempfile.TemporaryDirectory(prefix="reparam-ranks-") as status_dir:
         code = process.run(command, {**os.environ, **extra, "REPARAM_RANK_STATUS_DIR": status_dir}, forward)
-        if code not in (0, PREEMPTED) and any(Path(status_dir).glob("preempted-rank*")):
+        if code not in (OK, PREEMPTED) and any(Path(status_dir).glob("preempted-rank*")):
             print(f"launcher: DeepSpeed's launcher exited {code} after the ranks saved a preemption checkpoint "
                   f"(it was signalled too); exiting {PREEMPTED}", flush=True)
             code = PREEMPTED
     if mode == "node" and not args.hostfile:  # the hostfile this launcher wrote; DeepSpeed read it at start
         shutil.rmtree(Path(command[command.index("--hostfile") + 1]).parent, ignore_errors=True)
-    if code not in (0, PREEMPTED):
+    if code not in (OK, PREEMPTED):
         print(f"launcher: {mode} run failed with exit code {code} (the failed rank is named above)",
               file=sys.stderr, flush=True)
     return code

@@ -94,14 +94,13 @@ def _fake_model(cfg: Config, manifest: dict, checkpointing: bool):
     model_cfg = dataclasses.replace(cfg.model, activation_checkpointing=checkpointing)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # PEFT's adapters are real (below)
-    # FakeTensorMode's dispatch cache is one dict for every mode of the process. It was turned off after a segfault
-    # in its lookup; the same test later crashed in safetensors' safe_open while pretrained weights loaded under fake
-    # tensors, the likelier cause of both (no longer done, below). Kept off until the suite has run long without it.
+    # FakeTensorMode's dispatch cache is one dict shared by every mode in the process, and a crash inside its lookup
+    # has been seen; a plan traces a few small graphs, so it does without the cache.
     mode.cache_enabled = False
     with _default_dtype(dtype_of(cfg.train.precision)):
         with mode:
-            # A pretrained model is built from its config: its weights are not needed, and loading them under fake
-            # tensors (safetensors maps the files) crashed the interpreter in 2 of 6 test-suite runs.
+            # A pretrained model is built from its config: sizes need no weights, and safetensors' memory-mapped
+            # loading under fake tensors can crash the interpreter.
             model = build_model(cfg, manifest, base_only=True, load_weights=False)
         # PEFT moves its adapters with Module.to, which cannot swap fake parameters: they are made real, and small.
         model = apply_finetune(model, cfg)

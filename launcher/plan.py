@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train import config as config_lib
+from train import exit_codes
 from train import ds_config as ds_config_lib
 from train import precision as precision_lib
+from train import run_dir as layout
 from data_prep.errors import DataError
 from train.errors import RunError
 
@@ -169,9 +171,9 @@ def render(cfg: config_lib.Config, plan: Plan, budget: float, budget_source: str
 
 def probe_overrides(output_dir: str) -> list[str]:
     """A short, side-effect-free copy of the run: fixed steps, logged every step, no evaluation, its own run dir."""
-    return [f"train.max_steps={PROBE_STEPS}", "train.epochs=0", "train.log_every=1", "train.eval_every=0",
-            "train.eval_at_epoch_end=false", "train.save_every=0", "train.best_metric=''",
-            "train.early_stopping_patience=0", "data.val_split=''", "data.test_split=''",
+    return [f"train.max_steps={PROBE_STEPS}", "train.epochs=0", "train.log_every=1", "eval.every=0",
+            "eval.at_epoch_end=false", "checkpoint.every=0", "eval.best_metric=''",
+            "eval.early_stopping_patience=0", "data.val_split=''", "data.test_split=''",
             f"run.output_dir={output_dir}", "run.name=probe", "run.resume=never"]
 
 
@@ -182,10 +184,10 @@ def probe(config: str, overrides: list[str], nproc: int) -> dict:
                    *probe_overrides(tmp)]
         proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
         run_dir = Path(tmp) / "probe"
-        if proc.returncode != 0 or not (run_dir / "summary.json").is_file():
+        if proc.returncode != 0 or not (run_dir / layout.SUMMARY).is_file():
             raise RunError(f"probe run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((run_dir / layout.SUMMARY).read_text())
+        records = [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
         train = {r["step"]: r for r in records if "train/loss" in r}
         saves = [r["ckpt/save_seconds"] for r in records if "ckpt/save_seconds" in r]
         step_s = (train[PROBE_STEPS]["time"] - train[PROBE_WARMUP]["time"]) / (PROBE_STEPS - PROBE_WARMUP)
@@ -210,7 +212,7 @@ def _duration(seconds: float) -> str:
 def render_probe(cfg: config_lib.Config, plan: Plan, measured: dict) -> str:
     predicted = plan.configured.total(plan.checkpointing)
     peak = measured["peak_bytes"]
-    saves = plan.total_steps // cfg.train.save_every if cfg.train.save_every else 0
+    saves = plan.total_steps // cfg.checkpoint.every if cfg.checkpoint.every else 0
     wall = plan.total_steps * measured["step_seconds"] + (saves + 1) * (measured["save_seconds"] or 0)
     lines = [f"probe: {PROBE_STEPS} steps on this machine, {measured['ranks']} rank(s)",
              f"  {measured['tokens_per_s']:,.0f} tokens/s, {measured['step_seconds']:.3f} s per step "
@@ -275,5 +277,5 @@ def main(argv=None) -> int:
             print(render_probe(cfg, plan, probe(args.config, args.overrides, nproc)), flush=True)
     except (RunError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return exit_codes.USAGE
+    return exit_codes.OK

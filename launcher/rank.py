@@ -13,8 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
-PREEMPTED = 75  # train.preemption.EXIT_CODE, not imported: this wrapper must not load torch
+if __package__ in (None, ""):
+    # Run as a script, Python puts launcher/ first on sys.path; the project root is what `train` is imported from.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from train.exit_codes import OK, PREEMPTED  # noqa: E402  (imports nothing: this wrapper never loads torch)
 
 
 def main() -> int:
@@ -27,7 +32,7 @@ def main() -> int:
     if code == PREEMPTED and os.environ.get("REPARAM_RANK_STATUS_DIR"):
         open(os.path.join(os.environ["REPARAM_RANK_STATUS_DIR"], f"preempted-rank{os.environ.get('RANK')}"),
              "w").close()
-    if code in (0, PREEMPTED):
+    if code in (OK, PREEMPTED):
         return code
     how = f"died from {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     print(f"launcher: rank {os.environ.get('RANK')} (local rank {os.environ.get('LOCAL_RANK')} on "

@@ -6,7 +6,7 @@
 # save a checkpoint and exit 75; the job then requeues itself and the next start resumes from that checkpoint
 # (run.resume=auto). Any other exit code ends the job with that code.
 
-PREEMPTED_EXIT_CODE=75  # train.preemption.EXIT_CODE
+PREEMPTED_EXIT_CODE=75  # train.exit_codes.PREEMPTED (a unit test checks that they agree)
 
 run_requeueable() {
     "$@" &

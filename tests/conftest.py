@@ -60,7 +60,7 @@ def reference_overrides(tiny_data: dict, output_dir: Path, name: str, stage: int
     """The tiny model on the tiny shards, logging every step. Dropout stays on (GPT-2's default 0.1) and gradients
     accumulate over 2 micro-batches, so an exact resume needs every rank's RNG and the sampler position."""
     return [*TINY_MODEL, f"train.max_steps={steps}", "train.grad_accum_steps=2", "train.log_every=1",
-            "train.eval_every=4", "train.save_every=4", "train.eval_batches=4", "train.precision=auto",
+            "eval.every=4", "checkpoint.every=4", "eval.batches=4", "train.precision=auto",
             f"train.deepspeed_config=ds_configs/zero{stage}.json", f"data.path={tiny_data['shards']}",
             f"run.output_dir={output_dir}", f"run.name={name}"]
 

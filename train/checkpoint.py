@@ -4,7 +4,7 @@ Layout under `<run>/checkpoints/`:
 - `step_<N>/`: DeepSpeed's model + optimizer files (our client state inside), `rng_rank<R>.pt` per rank, and
   `checkpoint.json` (step, world size, config fingerprint, every file with its size and xxh3-128 checksum).
 - `latest`: the name of the newest complete checkpoint.
-- `best`: the name of the checkpoint with the best validation metric (`train.best_metric`), if tracked; retention
+- `best`: the name of the checkpoint with the best validation metric (`eval.best_metric`), if tracked; retention
   never deletes it.
 
 A save goes to `step_<N>.partial/`; after every rank has finished writing (barrier) the ranks hash the files (each a
@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from train import faults
+from data_prep import faults
+from data_prep.files import write_atomic
 from train.errors import ResumeError
 from train.rng import load_rng_state, rng_state
 
@@ -58,17 +59,6 @@ def parse_tag(text: str) -> int | None:
     """N for exactly `step_<N>` (no sign, no leading zeros, nothing around it), else None."""
     match = _TAG.fullmatch(text)
     return int(match.group(1)) if match else None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    with open(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def file_checksum(path: Path) -> str:
@@ -275,7 +265,8 @@ class Checkpointer:
         dist.barrier()
         engine.save_checkpoint(str(self.directory), tag=staging.name, client_state=client_state, save_latest=False)
         torch.save(rng_state(), staging / f"rng_rank{self.rank}.pt")
-        faults.inject("in_save", step, self.rank)
+        if faults.ACTIVE:
+            faults.at_step("in_save", step, self.rank)
         dist.barrier()  # every rank's files are on disk
         write_manifest(staging, {"step": step, **meta}, collective=True)
         if self.rank == 0:

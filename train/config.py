@@ -1,9 +1,10 @@
 """Run configuration: typed dataclasses, loaded from YAML plus dotted `key=value` overrides.
 
-Every field carries its documentation in `metadata["doc"]` (`python -m train.main --help-config` prints them).
-Validation happens in `__post_init__` so a bad value fails before any process group or model exists. Unknown keys
-are an error that names the key and the nearest valid one, because a silently ignored typo (`max_step: 10`) costs a
-cluster allocation.
+Every field carries its documentation in `metadata["doc"]` (`python -m train.main --help-config` prints them) and
+whether a resumed run may change it (`metadata["on_resume"]`: `train.resume` refuses a checkpoint whose breaking
+fields differ). A field whose type is a `Literal` accepts only those values. Validation happens in `__post_init__`
+so a bad value fails before any process group or model exists. Unknown keys are an error that names the key and the
+nearest valid one, because a silently ignored typo (`max_step: 10`) costs a cluster allocation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import types
 import typing
@@ -25,10 +26,39 @@ import yaml
 from train.errors import ConfigError
 
 
-def _field(default: Any, doc: str):
+# on_resume values: "allowed" (reported when it changed), "breaking" (a resumed run must keep it: it changes the model,
+# its data or its numerics).
+ALLOWED, BREAKING = "allowed", "breaking"
+
+
+def _field(default: Any, doc: str, on_resume: str = ALLOWED):
+    metadata = {"doc": doc, "on_resume": on_resume}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _choices(expected: Any) -> tuple | None:
+    """The allowed values of a Literal type, else None."""
+    return typing.get_args(expected) if typing.get_origin(expected) is Literal else None
+
+
+class _Section:
+    """A config section: checks its Literal fields, then runs the section's own `validate`."""
+
+    SECTION = ""
+
+    def __post_init__(self):
+        for name, expected in typing.get_type_hints(type(self)).items():
+            choices = _choices(expected)
+            if choices is not None:
+                value = getattr(self, name)
+                _require(value in choices, f"{self.SECTION}.{name}",
+                         f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields and ranges (the Literal choices are already checked)."""
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -42,59 +72,63 @@ def _finite(value: float) -> bool:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
+    SECTION = "run"
     name: str = _field("", "Run name; the run directory is <output_dir>/<name>. Defaults to the config file's stem.")
     output_dir: str = _field("runs", "Directory that holds one sub-directory per run.")
-    seed: int = _field(1234, "Seed for model init, data order and dropout (each rank offsets it by its rank).")
-    resume: str = _field("auto", "'auto': continue from the run directory's latest checkpoint if one exists; "
-                                 "'never': refuse to start if the run directory already has checkpoints; "
-                                 "'require': continue the latest checkpoint and fail if there is none (a requeued "
-                                 "job that must not silently start over).")
+    seed: int = _field(1234, "Seed for model init, data order and dropout (each rank offsets it by its rank).",
+                       BREAKING)
+    resume: Literal["auto", "never", "require"] = _field(
+        "auto", "'auto': continue from the run directory's latest checkpoint if one exists; 'never': refuse to start "
+                "if the run directory already has checkpoints; 'require': continue the latest checkpoint and fail if "
+                "there is none (a requeued job that must not silently start over).")
 
-    def __post_init__(self):
-        _require(self.resume in ("auto", "never", "require"), "run.resume",
-                 f"must be 'auto', 'never' or 'require', got {self.resume!r}")
+    def validate(self):
         _require(bool(self.output_dir), "run.output_dir", "must not be empty")
         _require(0 <= self.seed < 2 ** 63, "run.seed", f"must be in [0, 2**63), got {self.seed}")
 
 
-TASKS = ("causal_lm", "sft", "classification")
+TaskKind = Literal["causal_lm", "sft", "classification"]
 # The data_prep record kind each task trains on.
 RECORD_KIND_OF_TASK = {"causal_lm": "text", "sft": "sft", "classification": "classification"}
 
 
 @dataclass
-class TaskConfig:
-    kind: str = _field("causal_lm", "causal_lm (pretraining / continued pretraining on text shards), sft (loss on "
-                                    "response tokens only, sft shards) or classification (sequence classification, "
-                                    "classification shards). Must match the shards' record kind.")
+class TaskConfig(_Section):
+    SECTION = "task"
+    kind: TaskKind = _field("causal_lm", "causal_lm (pretraining / continued pretraining on text shards), sft (loss "
+                                         "on response tokens only, sft shards) or classification (sequence "
+                                         "classification, classification shards). Must match the shards' record "
+                                         "kind.", BREAKING)
     sft_packing: bool = _field(True, "sft: pack the micro-batch's examples into as few rows of data.seq_len as "
                                      "possible; each example attends only to itself (block-diagonal mask, positions "
-                                     "restart). false pads every example to its own row.")
-    label_smoothing: float = _field(0.0, "classification: label smoothing of the cross-entropy loss.")
+                                     "restart). false pads every example to its own row.", BREAKING)
+    label_smoothing: float = _field(0.0, "classification: label smoothing of the cross-entropy loss.", BREAKING)
 
-    def __post_init__(self):
-        _require(self.kind in TASKS, "task.kind", f"must be one of {', '.join(TASKS)}, got {self.kind!r}")
+    def validate(self):
         _require(0.0 <= self.label_smoothing < 1.0, "task.label_smoothing",
                  f"must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
-class ModelConfig:
-    init: str = _field("scratch", "scratch: build model.model_type from model.hf_config with random weights; "
-                                  "pretrained: load the local HF model dir model.path. Continuing a run from its "
-                                  "checkpoint is run.resume (auto by default), on top of either.")
-    path: str = _field("", "init: pretrained: a local HF model directory (from save_pretrained or train.export).")
-    model_type: str = _field("gpt2", "init: scratch: transformers model type (gpt2, llama, bert, ...).")
+class ModelConfig(_Section):
+    SECTION = "model"
+    init: Literal["scratch", "pretrained"] = _field(
+        "scratch", "scratch: build model.model_type from model.hf_config with random weights; pretrained: load the "
+                   "local HF model dir model.path. Continuing a run from its checkpoint is run.resume (auto by "
+                   "default), on top of either.", BREAKING)
+    path: str = _field("", "init: pretrained: a local HF model directory (from save_pretrained or train.export).",
+                       BREAKING)
+    model_type: str = _field("gpt2", "init: scratch: transformers model type (gpt2, llama, bert, ...).", BREAKING)
     hf_config: dict = _field({}, "init: scratch: keyword arguments for the transformers config (n_layer, n_embd, "
-                                 "...). vocab_size and eos/bos ids are taken from the data manifest unless set here.")
+                                 "...). vocab_size and eos/bos ids are taken from the data manifest unless set here.",
+                             BREAKING)
     dropout: float | None = _field(None, "Override every dropout probability of the model config (hidden, "
-                                         "attention, embedding, classifier); null keeps the model's own.")
-    activation_checkpointing: bool = _field(True, "Recompute activations in the backward pass to save memory.")
+                                         "attention, embedding, classifier); null keeps the model's own.", BREAKING)
+    activation_checkpointing: bool = _field(True, "Recompute activations in the backward pass to save memory.",
+                                            BREAKING)
 
-    def __post_init__(self):
-        _require(self.init in ("scratch", "pretrained"), "model.init",
-                 f"must be scratch or pretrained, got {self.init!r} (to continue a run, see run.resume)")
+    def validate(self):
         _require(isinstance(self.hf_config, dict), "model.hf_config", "must be a mapping of config keys")
         if self.init == "pretrained":
             _require(bool(self.path), "model.path", "is required with model.init: pretrained (a local HF model dir)")
@@ -104,27 +138,25 @@ class ModelConfig:
                  f"must be null or in [0, 1), got {self.dropout}")
 
 
-FINETUNE_METHODS = ("full", "lora", "freeze")
-
-
 @dataclass
-class FinetuneConfig:
-    method: str = _field("full", "full: train every parameter; lora: train LoRA adapters (PEFT) and, for "
-                                 "classification, the head; freeze: train everything but what the freeze_* keys "
-                                 "name.")
-    lora_r: int = _field(8, "lora: adapter rank.")
-    lora_alpha: float = _field(16.0, "lora: scaling numerator (the update is scaled by lora_alpha / lora_r).")
-    lora_dropout: float = _field(0.05, "lora: dropout on the adapter input.")
+class FinetuneConfig(_Section):
+    SECTION = "finetune"
+    method: Literal["full", "lora", "freeze"] = _field(
+        "full", "full: train every parameter; lora: train LoRA adapters (PEFT) and, for classification, the head; "
+                "freeze: train everything but what the freeze_* keys name.", BREAKING)
+    lora_r: int = _field(8, "lora: adapter rank.", BREAKING)
+    lora_alpha: float = _field(16.0, "lora: scaling numerator (the update is scaled by lora_alpha / lora_r).",
+                               BREAKING)
+    lora_dropout: float = _field(0.05, "lora: dropout on the adapter input.", BREAKING)
     lora_target_modules: list = _field([], "lora: module names to adapt (e.g. [q_proj, v_proj]); empty uses PEFT's "
-                                           "default for the model type.")
-    freeze_embeddings: bool = _field(False, "freeze: freeze the input embeddings (and position embeddings).")
-    freeze_bottom_layers: int = _field(0, "freeze: freeze the first N transformer layers.")
+                                           "default for the model type.", BREAKING)
+    freeze_embeddings: bool = _field(False, "freeze: freeze the input embeddings (and position embeddings).",
+                                     BREAKING)
+    freeze_bottom_layers: int = _field(0, "freeze: freeze the first N transformer layers.", BREAKING)
     freeze_all_but_head: bool = _field(False, "freeze: train only the task head (classifier / score; for "
-                                              "causal_lm an untied lm_head).")
+                                              "causal_lm an untied lm_head).", BREAKING)
 
-    def __post_init__(self):
-        _require(self.method in FINETUNE_METHODS, "finetune.method",
-                 f"must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
+    def validate(self):
         _require(self.lora_r >= 1, "finetune.lora_r", f"must be >= 1, got {self.lora_r}")
         _require(_finite(self.lora_alpha) and self.lora_alpha > 0, "finetune.lora_alpha",
                  f"must be > 0, got {self.lora_alpha}")
@@ -143,24 +175,26 @@ class FinetuneConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    SECTION = "data"
     path: str = _field("", "Directory written by `python -m data_prep tokenize` (holds manifest.json), or a blend "
                            "spec file (`<shard dir>: <weight>` per line, see docs/data_prep.md) to sample several "
                            "shard directories in proportion; every split is read from each part.")
-    seq_len: int = _field(512, "Tokens per training sequence; shards are cut into windows of this length.")
-    train_split: str = _field("train", "Split of the manifest used for training.")
+    seq_len: int = _field(512, "Tokens per training sequence; shards are cut into windows of this length.", BREAKING)
+    train_split: str = _field("train", "Split of the manifest used for training.", BREAKING)
     val_split: str = _field("val", "Split used for validation loss; empty string disables validation.")
     test_split: str = _field("", "Split evaluated with the starting model before training and with the best (or "
                                  "final) model at the end, reported in results.json; empty disables.")
 
-    def __post_init__(self):
+    def validate(self):
         _require(bool(self.path), "data.path", "is required: the output directory of `python -m data_prep tokenize`")
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
         _require(bool(self.train_split), "data.train_split", "must not be empty (the manifest split to train on)")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
+    SECTION = "optim"
     lr: float = _field(3e-4, "Peak learning rate, reached after warmup_steps.")
     min_lr: float = _field(3e-5, "Learning rate at the end of the cosine decay.")
     warmup_steps: int = _field(100, "Optimizer steps of linear warmup from 0 to lr.")
@@ -169,7 +203,7 @@ class OptimConfig:
     eps: float = _field(1e-8, "AdamW epsilon.")
     grad_clip: float = _field(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
 
-    def __post_init__(self):
+    def validate(self):
         _require(_finite(self.lr) and self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -182,35 +216,31 @@ class OptimConfig:
                  f"must be >= 0, got {self.grad_clip}")
 
 
+def _at_least(section: _Section, minimum: int, *keys: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        _require(value >= minimum, f"{section.SECTION}.{key}", f"must be >= {minimum}, got {value}")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    """The training loop: how long, how big a step, in what precision, on which ZeRO preset."""
+    SECTION = "train"
     max_steps: int = _field(1000, "Optimizer steps to train for (ignored when epochs > 0).")
     epochs: int = _field(0, "When > 0, train for this many passes over the training split instead of max_steps "
                             "(max_steps = epochs x optimizer steps per epoch).")
     micro_batch_size: int = _field(8, "Sequences per rank per forward/backward pass.")
     grad_accum_steps: int = _field(1, "Micro-batches accumulated per optimizer step. "
                                       "Global batch = micro_batch_size * grad_accum_steps * world size.")
-    precision: str = _field("auto", "auto: bf16 on a GPU that supports it, else fp16 (dynamic loss scaling); on CPU "
-                                    "bf16 only where its matmuls are fast (x86 CPU flags, else a short probe), else "
-                                    "fp32. bf16, fp16 or fp32 force one (fp16 does not run on CPU). The choice "
-                                    "and its reason are printed, kept in summary.json and the checkpoint; a "
-                                    "resumed run keeps its checkpoint's precision.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _field(
+        "auto", "auto: bf16 on a GPU that supports it, else fp16 (dynamic loss scaling); on CPU bf16 only where its "
+                "matmuls are fast (x86 CPU flags, else a short probe), else fp32. bf16, fp16 or fp32 force one (fp16 "
+                "does not run on CPU). The choice and its reason are printed, kept in summary.json and the "
+                "checkpoint; a resumed run keeps its checkpoint's precision.", BREAKING)
     deepspeed_config: str = _field("ds_configs/zero2.json", "ZeRO preset from ds_configs/; batch sizes, precision "
-                                                            "and clipping are injected from this run config.")
+                                                            "and clipping are injected from this run config.",
+                                   BREAKING)
     log_every: int = _field(10, "Optimizer steps between log lines / TensorBoard points.")
-    eval_every: int = _field(100, "Optimizer steps between validation passes; 0 evaluates only at the end.")
-    eval_at_epoch_end: bool = _field(True, "Also evaluate after the last optimizer step of every epoch.")
-    eval_batches: int = _field(20, "Micro-batches per rank in one validation pass; 0 evaluates the whole split.")
-    best_metric: str = _field("", "Validation metric that picks the best checkpoint (val/loss, val/accuracy, "
-                                  "val/macro_f1, ...): a checkpoint is saved at each new best, kept by retention, "
-                                  "and used for the test split and `train.export --step best`. Empty disables.")
-    best_mode: str = _field("min", "min or max: whether a lower or higher best_metric is better.")
-    early_stopping_patience: int = _field(0, "Stop after this many validation passes without a new best "
-                                             "best_metric; 0 never stops early.")
-    save_every: int = _field(500, "Optimizer steps between checkpoints; a checkpoint is always written at the end.")
-    keep_last: int = _field(0, "Checkpoints to keep (the newest ones); 0 keeps all. The newest is never deleted.")
-    keep_every: int = _field(0, "Also keep every checkpoint whose step is a multiple of this (with keep_last); "
-                                "0 disables.")
     nonfinite_max_in_a_row: int = _field(3, "A non-finite loss or gradient skips the update; this many in a row "
                                             "roll back to the last checkpoint and skip the offending batches.")
     nonfinite_max_rollbacks: int = _field(2, "Rollbacks allowed before the run stops with a report.")
@@ -222,21 +252,45 @@ class TrainConfig:
     collective_timeout_s: int = _field(600, "Seconds a collective may wait for the other ranks before the run "
                                             "fails; bounds the hang when a rank or node dies.")
 
-    def __post_init__(self):
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "nonfinite_max_in_a_row"):
-            _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        _require(self.collective_timeout_s >= 1, "train.collective_timeout_s",
-                 f"must be >= 1, got {self.collective_timeout_s}")
-        _require(self.best_mode in ("min", "max"), "train.best_mode", f"must be min or max, got {self.best_mode!r}")
-        _require(not self.early_stopping_patience or bool(self.best_metric), "train.early_stopping_patience",
-                 "needs train.best_metric (the metric whose improvement it waits for)")
-        _require(not self.best_metric or self.best_metric.startswith("val/"), "train.best_metric",
+    def validate(self):
+        _at_least(self, 1, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "nonfinite_max_in_a_row",
+                  "collective_timeout_s")
+        _at_least(self, 0, "nonfinite_max_rollbacks", "epochs")
+
+
+@dataclass
+class EvalConfig(_Section):
+    """Validation during training, the best checkpoint, early stopping."""
+    SECTION = "eval"
+    every: int = _field(100, "Optimizer steps between validation passes; 0 evaluates only at the end.")
+    at_epoch_end: bool = _field(True, "Also evaluate after the last optimizer step of every epoch.")
+    batches: int = _field(20, "Micro-batches per rank in one validation pass; 0 evaluates the whole split.")
+    best_metric: str = _field("", "Validation metric that picks the best checkpoint (val/loss, val/accuracy, "
+                                  "val/macro_f1, ...): a checkpoint is saved at each new best, kept by retention, "
+                                  "and used for the test split and `train.export --step best`. Empty disables.")
+    best_mode: Literal["min", "max"] = _field("min", "min or max: whether a lower or higher best_metric is better.")
+    early_stopping_patience: int = _field(0, "Stop after this many validation passes without a new best "
+                                             "best_metric; 0 never stops early.")
+
+    def validate(self):
+        _at_least(self, 0, "every", "batches", "early_stopping_patience")
+        _require(not self.early_stopping_patience or bool(self.best_metric), "eval.early_stopping_patience",
+                 "needs eval.best_metric (the metric whose improvement it waits for)")
+        _require(not self.best_metric or self.best_metric.startswith("val/"), "eval.best_metric",
                  f"must be a validation metric (val/...), got {self.best_metric!r}")
-        for key in ("eval_every", "save_every", "keep_last", "keep_every", "nonfinite_max_rollbacks", "epochs",
-                    "eval_batches", "early_stopping_patience"):
-            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
-        _require(self.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
-                 f"must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+
+
+@dataclass
+class CheckpointConfig(_Section):
+    """When checkpoints are written and which are kept."""
+    SECTION = "checkpoint"
+    every: int = _field(500, "Optimizer steps between checkpoints; a checkpoint is always written at the end.")
+    keep_last: int = _field(0, "Checkpoints to keep (the newest ones); 0 keeps all. The newest is never deleted.")
+    keep_every: int = _field(0, "Also keep every checkpoint whose step is a multiple of this (with keep_last); "
+                                "0 disables.")
+
+    def validate(self):
+        _at_least(self, 0, "every", "keep_last", "keep_every")
 
 
 @dataclass
@@ -248,9 +302,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
-        _require(not self.train.best_metric or bool(self.data.val_split), "train.best_metric",
+        _require(not self.eval.best_metric or bool(self.data.val_split), "eval.best_metric",
                  "needs a validation split (data.val_split) to measure it on")
 
     @property
@@ -266,7 +322,22 @@ class Config:
 
 
 _SECTION_CLASSES = {"run": RunConfig, "task": TaskConfig, "model": ModelConfig, "finetune": FinetuneConfig,
-                    "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+                    "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
+                    "checkpoint": CheckpointConfig}
+
+# Keys that moved when `train` was split into train / eval / checkpoint: configs and overrides written with the old
+# names keep working (each is read as its new key; a config file that gives both is an error).
+MOVED_KEYS = {f"train.{old}": new for old, new in {
+    "eval_every": "eval.every", "eval_at_epoch_end": "eval.at_epoch_end", "eval_batches": "eval.batches",
+    "best_metric": "eval.best_metric", "best_mode": "eval.best_mode",
+    "early_stopping_patience": "eval.early_stopping_patience", "save_every": "checkpoint.every",
+    "keep_last": "checkpoint.keep_last", "keep_every": "checkpoint.keep_every"}.items()}
+
+
+def breaking_keys() -> set[str]:
+    """Dotted keys a resumed run must not change (declared on each field)."""
+    return {f"{section}.{f.name}" for section, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)
+            if f.metadata["on_resume"] == BREAKING}
 
 
 def _one_line(text: str) -> str:
@@ -343,7 +414,7 @@ def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override '{shown}': expected section.key=value, e.g. train.max_steps=100")
     dotted, value = override.split("=", 1)
-    parts = dotted.strip().split(".")
+    parts = MOVED_KEYS.get(dotted.strip(), dotted.strip()).split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override '{shown}': expected section.key=value, e.g. train.max_steps=100")
     node = raw
@@ -375,6 +446,9 @@ def _coerce(source: str, key: str, value: Any, expected: type) -> Any:
         return ""
     elif expected is int and isinstance(value, float) and value.is_integer():
         return int(value)
+    choices = _choices(expected)
+    if choices is not None:  # which values are allowed is checked by the section (_Section)
+        expected = type(choices[0])
     if typing.get_origin(expected) in (typing.Union, types.UnionType):  # `float | None`
         if value is None:
             return None
@@ -385,10 +459,30 @@ def _coerce(source: str, key: str, value: Any, expected: type) -> Any:
     raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
 
 
+def _with_moved_keys(raw: dict, source: str) -> dict:
+    """`raw` with every key of MOVED_KEYS under its new name."""
+    raw = {name: dict(values) if isinstance(values, dict) else values for name, values in raw.items()}
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        if not isinstance(raw.get(old_section), dict) or old_key not in raw[old_section]:
+            continue
+        new_section, new_key = new.split(".")
+        target = raw.get(new_section)
+        if target is None:
+            target = raw[new_section] = {}
+        if not isinstance(target, dict):
+            continue  # from_dict names the section that is not a mapping
+        if new_key in target:
+            raise ConfigError(f"{source}: {old} and {new} are the same setting ({old} is its old name); keep {new}")
+        target[new_key] = raw[old_section].pop(old_key)
+    return raw
+
+
 def from_dict(raw: dict, source: str = "config") -> Config:
     """Build and validate a Config; every key must be known."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(_SECTION_CLASSES)})")
+    raw = _with_moved_keys(raw, source)
     sections = {}
     for name, values in raw.items():
         if name not in _SECTION_CLASSES:
@@ -434,6 +528,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
         what = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(raw), "value")
         raise ConfigError(f"{path}: must be a YAML mapping of sections ({', '.join(_SECTION_CLASSES)}), got a "
                           f"{what}")
+    raw = _with_moved_keys(raw, str(path))
     for override in overrides:
         apply_override(raw, override)
     if raw.get("run") is None:
@@ -450,5 +545,7 @@ def describe() -> str:
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name} (default {default!r}): {f.metadata['doc']}")
+            fixed = " Fixed for the run: a resumed run must keep it." if f.metadata["on_resume"] == BREAKING else ""
+            lines.append(f"  {f.name} (default {default!r}): {f.metadata['doc']}{fixed}")
+    lines.append("old names still read: " + ", ".join(f"{old} (now {new})" for old, new in MOVED_KEYS.items()))
     return "\n".join(lines)

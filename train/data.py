@@ -11,6 +11,7 @@ is called with; `labels` holds the loss targets (-100 = no loss), in the model's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -231,9 +232,55 @@ def split_items(cfg, shards, manifest: dict):
 
 def run_steps(cfg, num_items: int, global_batch: int) -> tuple[int, int]:
     """(optimizer steps per epoch, optimizer steps of the run): train.epochs passes over the `num_items` training
-    items at `global_batch` items per step, else train.max_steps. Derived here only (Trainer, launcher.plan)."""
+    items at `global_batch` items per step, else train.max_steps. Derived here only (open_run_data, launcher.plan)."""
     per_epoch = num_items // global_batch
     return per_epoch, (cfg.train.epochs * per_epoch if cfg.train.epochs else cfg.train.max_steps)
+
+
+@dataclass
+class RunData:
+    """Everything a run trains and evaluates on, opened once at start."""
+    manifest: dict  # of the training split's shards (of the blend's first part)
+    train: object  # TokenWindows, Documents or BlendedItems
+    val: object | None
+    test: object | None
+    items_cut: dict  # {split: items longer than data.seq_len, cut to fit (counted, never silent)}
+    blend: list | None  # [{path, weight, realised share per epoch}] when training on a blend
+    sampler: "GlobalBatchSampler"
+    steps_per_epoch: int
+    max_steps: int  # derived once, here: schedule, loop and logs read it
+
+    @property
+    def num_labels(self) -> int:
+        classification = self.manifest.get("classification")
+        return classification["num_labels"] if classification else 0
+
+
+def open_run_data(cfg, rank: int, world_size: int) -> RunData:
+    """The splits of a run config (`train.config.Config`), checked against its task, and the training order."""
+    from train.config import RECORD_KIND_OF_TASK
+
+    manifest, train_sets = open_split(cfg, cfg.data.train_split)
+    kind, record_kind = cfg.task.kind, manifest.get("record_kind", "text")
+    if record_kind != RECORD_KIND_OF_TASK[kind]:
+        raise ConfigError(f"task.kind: {kind} trains on '{RECORD_KIND_OF_TASK[kind]}' shards but {cfg.data.path} "
+                          f"holds '{record_kind}' records; set task.kind or tokenize with --record-kind "
+                          f"{RECORD_KIND_OF_TASK[kind]}")
+    train = split_items(cfg, train_sets, manifest)
+    val, test = (split_items(cfg, open_split(cfg, split)[1], manifest) if split else None
+                 for split in (cfg.data.val_split, cfg.data.test_split))
+    # Examples longer than data.seq_len are cut (first seq_len - 1 tokens + the last): counted, never silent.
+    items_cut = {split: items.num_cut() for split, items in (("train", train), ("val", val), ("test", test))
+                 if items is not None}
+    blend = None
+    if isinstance(train, BlendedItems):
+        sampler = train.sampler
+        blend = [{"path": str(s.directory), "weight": float(w), "realised": float(r)}
+                 for s, w, r in zip(sampler.sets, sampler.weights, train.realised())]
+    sampler = GlobalBatchSampler(len(train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world_size,
+                                 rank, cfg.run.seed)
+    steps_per_epoch, max_steps = run_steps(cfg, len(train), sampler.global_batch)
+    return RunData(manifest, train, val, test, items_cut, blend, sampler, steps_per_epoch, max_steps)
 
 
 class GlobalBatchSampler:
@@ -289,6 +336,10 @@ class GlobalBatchSampler:
         self.position += self.global_batch
         micro = self.micro_batch
         return [step[(m * self.world_size + self.rank) * micro:][:micro] for m in range(self.accum_steps)]
+
+    def at_epoch_end(self) -> bool:
+        """Whether the step just taken was the last full global batch of its epoch."""
+        return self.position + self.global_batch > self.num_windows
 
     def skip(self, batches) -> None:
         """Never train on these global batches, given as (epoch, position) of their start."""

@@ -56,6 +56,9 @@ if __package__ in (None, ""):  # `python train/export.py`: make the project root
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from data_prep.files import atomic_directory  # noqa: E402
+from train import exit_codes  # noqa: E402
+from train import run_dir as layout  # noqa: E402
 from train.checkpoint import BEST, CHECKSUM, LATEST, Checkpointer, file_checksum, tag_for, verify  # noqa: E402
 from train.errors import RunError  # noqa: E402
 
@@ -77,9 +80,9 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
-    config_path, manifest_path = run_dir / "config.yaml", run_dir / "data_manifest.json"
+    config_path, manifest_path = run_dir / layout.CONFIG, run_dir / layout.DATA_MANIFEST
     if not config_path.is_file():
-        raise ExportError(f"{run_dir}: not a run directory (no config.yaml); give <run.output_dir>/<run.name>")
+        raise ExportError(f"{run_dir}: not a run directory (no {layout.CONFIG}); give <run.output_dir>/<run.name>")
     if not manifest_path.is_file():
         raise ExportError(f"{manifest_path}: missing; the trainer writes it at the start of a run (a run made by an "
                           "older version has none: re-run the training command once to write it)")
@@ -87,11 +90,11 @@ def load_run(run_dir: str | Path):
         raw = yaml.safe_load(config_path.read_text())
         manifest = json.loads(manifest_path.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{run_dir}: config.yaml or data_manifest.json is unreadable ({exc})") from None
+        raise ExportError(f"{run_dir}: {layout.CONFIG} or {layout.DATA_MANIFEST} is unreadable ({exc})") from None
     try:
         cfg = config_lib.from_dict(raw, source=str(config_path))
     except RunError as exc:
-        raise ExportError(f"{exc} (the export rebuilds the run's model from its config.yaml)") from None
+        raise ExportError(f"{exc} (the export rebuilds the run's model from its {layout.CONFIG})") from None
     return cfg, manifest
 
 
@@ -105,7 +108,7 @@ def check_step(step: str | int) -> str:
 
 def resolve_checkpoint(run_dir: str | Path, step: str | int = "latest") -> str:
     """The checkpoint tag (`step_<N>`) that `--step` names, verified complete against its checkpoint.json."""
-    directory = Path(run_dir) / "checkpoints"
+    directory = Path(run_dir) / layout.CHECKPOINTS
     checkpointer = Checkpointer(directory, rank=0)
     available = ", ".join(map(str, checkpointer.steps_on_disk())) or "none"
     step = check_step(step)
@@ -120,7 +123,7 @@ def resolve_checkpoint(run_dir: str | Path, step: str | int = "latest") -> str:
             raise ExportError(f"--step best: {problem}; refusing to load it (use --step latest or a step number)")
         if tag is None:
             raise ExportError(f"{run_dir}: no best checkpoint ({directory / BEST} does not exist: the run did not "
-                              "track train.best_metric, or has not evaluated yet); use --step latest or a step number")
+                              "track eval.best_metric, or has not evaluated yet); use --step latest or a step number")
     else:
         tag = tag_for(int(step))
     path = directory / tag
@@ -249,7 +252,7 @@ def gather_state_dict(checkpoints: Path, tag: str, model: torch.nn.Module, cfg) 
         def some(what: str, names: list[str]) -> str:
             more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
             return f"{what} {len(names)}: {', '.join(names[:5])}{more}" if names else ""
-        raise ExportError(f"{ckpt} does not fit the model rebuilt from the run's config.yaml: "
+        raise ExportError(f"{ckpt} does not fit the model rebuilt from the run's {layout.CONFIG}: "
                           + "; ".join(filter(None, [some("missing", missing), some("unexpected", unexpected)])))
     for name, ref in expected.items():
         tensor = gathered.state_dict[name]
@@ -291,7 +294,7 @@ def load_trained_model(run_dir: str | Path, step: str | int = "latest") -> Train
         model = build_model(cfg, manifest)
     except RunError as exc:
         raise ExportError(f"rebuilding the run's model: {exc}") from None
-    gathered = gather_state_dict(run_dir / "checkpoints", tag, model, cfg)
+    gathered = gather_state_dict(run_dir / layout.CHECKPOINTS, tag, model, cfg)
     model.load_state_dict(gathered.state_dict, strict=True)
     model.eval()
     return TrainedModel(model, cfg, manifest, run_dir, tag, gathered)
@@ -306,11 +309,11 @@ def _tokenizer_dir(manifest: dict) -> Path:
     info = manifest["tokenizer"]
     path = Path(info["path"])
     if not path.is_dir() or not tokenizer_files(path):  # tokenizer.json, or a slow format (vocab.json + merges.txt...)
-        raise ExportError(f"the run's tokenizer {path} (data_manifest.json tokenizer.path) is gone; an export without "
-                          "the tokenizer the shards were made with would be unusable. Restore that directory")
+        raise ExportError(f"the run's tokenizer {path} ({layout.DATA_MANIFEST} tokenizer.path) is gone; an export "
+                          "without the tokenizer the shards were made with would be unusable. Restore that directory")
     if info.get("fingerprint") and tokenizer_fingerprint(path) != info["fingerprint"]:
         raise ExportError(f"the run's tokenizer {path} changed since the shards were made (its fingerprint differs "
-                          "from data_manifest.json's); restore the original tokenizer files")
+                          f"from {layout.DATA_MANIFEST}'s); restore the original tokenizer files")
     return path
 
 
@@ -460,10 +463,7 @@ def export_model(run_dir: str | Path, output: str | Path, step: str | int = "lat
     info = export_info(trained, fmt)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(output) as tmp:  # replaces an earlier export only once this one is complete
         model = trained.model
         if fmt == "lora_adapter":
             model.peft_config["default"].base_model_name_or_path = info["base_model"]
@@ -477,14 +477,6 @@ def export_model(run_dir: str | Path, output: str | Path, step: str | int = "lat
         _copy_tokenizer(tokenizer_dir, tmp)
         info[CHECKSUM] = {path.name: file_checksum(path) for path in sorted(tmp.iterdir()) if path.is_file()}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            os.replace(output, old)  # a directory cannot be renamed over a non-empty one
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     what = {"full": "model", "lora_merged": "model (LoRA merged into the base weights)",
             "lora_adapter": "LoRA adapter"}[fmt]
     log(f"exported {trained.tag} of {run_dir} ({cfg.task.kind}, {what}, fp32, ZeRO-{trained.gathered.zero_stage} "
@@ -501,7 +493,7 @@ def parse_args(argv=None):
                                      description="Export a run's checkpoint as a HuggingFace model directory.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory, <run.output_dir>/<run.name>")
     parser.add_argument("--step", default="latest",
-                        help="checkpoint to export: a step number, 'best' (train.best_metric) or 'latest' (default)")
+                        help="checkpoint to export: a step number, 'best' (eval.best_metric) or 'latest' (default)")
     parser.add_argument("--output", required=True, help="directory to write (must not exist, see --overwrite)")
     parser.add_argument("--no-merge", action="store_true",
                         help="LoRA runs: write the PEFT adapter instead of merging it into the base weights")
@@ -534,8 +526,8 @@ def main(argv=None) -> int:
         export_model(args.run_dir, args.output, step=args.step, merge=not args.no_merge, overwrite=args.overwrite)
     except (RunError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return exit_codes.USAGE
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

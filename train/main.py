@@ -1,7 +1,8 @@
 """Entry point: `deepspeed train/main.py --config configs/X.yaml [section.key=value ...]`.
 
 Thin on purpose: parse, build a Trainer, fit, always clean up. Errors a user can fix are printed as one line
-(`error: ...`) with exit code 2 instead of a traceback per rank.
+(`error: ...`) with exit code 2 (`train.exit_codes.USAGE`) instead of a traceback per rank; a preempted run exits 75
+(`PREEMPTED`) once its checkpoint is saved.
 """
 
 import argparse
@@ -15,6 +16,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from train import config as config_lib  # noqa: E402
+from train import exit_codes, run_dir  # noqa: E402
 from data_prep.errors import DataError  # noqa: E402
 from train.errors import RunError  # noqa: E402
 
@@ -31,37 +33,11 @@ def parse_args(argv=None):
     return args
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Create the run directory if needed and make sure the run can write there (and into what an earlier run left:
-    checkpoints/, tb/, metrics.jsonl), before any process group starts or any model is built."""
-    from train.errors import ConfigError
-
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the run directory {run_dir} ({exc.strerror}); choose another "
-                          "run.output_dir or run.name") from None
-    import tempfile
-
-    for path in (run_dir, run_dir / "checkpoints", run_dir / "tb", run_dir / "metrics.jsonl"):
-        try:  # a real write (os.access is wrong on read-only mounts and for root)
-            if path.is_dir():
-                fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-                os.close(fd)
-                os.unlink(probe)
-            elif path.is_file():
-                open(path, "ab").close()
-        except OSError as exc:
-            raise ConfigError(f"{path} is not writable ({exc.strerror}): the run directory {run_dir} must be "
-                              "writable by this user (fix its permissions, or choose another run.output_dir or "
-                              "run.name)") from None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.help_config:
         print(config_lib.describe())
-        return 0
+        return exit_codes.OK
     rank = os.environ.get("RANK", "0")
     trainer = None
     try:
@@ -69,22 +45,21 @@ def main(argv=None) -> int:
         from train import ds_config
 
         ds_config.load_preset(cfg.train.deepspeed_config)  # a bad preset fails here, not after the ranks started
-        check_run_dir(cfg.run_dir)
-        from train import preemption
+        run_dir.prepare(cfg.run_dir)
         from train.trainer import Trainer  # heavy imports (deepspeed, transformers) only once the config is valid
 
         trainer = Trainer(cfg)
         summary = trainer.fit()
-        # Rank 0 finishes later (results, TensorBoard, the summary table); a rank that tore down its process group
-        # meanwhile was seen to abort in gloo at exit ("terminate called without an active exception").
+        # Rank 0 finishes later (results, TensorBoard, the summary table); a rank that tears down its process group
+        # meanwhile can abort in gloo at exit ("terminate called without an active exception").
         import torch.distributed as dist
 
         dist.barrier()
-        return preemption.EXIT_CODE if summary["preempted"] else 0
+        return exit_codes.PREEMPTED if summary["preempted"] else exit_codes.OK
     except (RunError, DataError) as exc:
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return exit_codes.USAGE
     finally:
         if trainer is not None:
             trainer.close()

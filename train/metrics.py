@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from train import run_dir as layout
+
 
 def use_progress_bar(stream=None) -> bool:
     """A progress bar replaces the per-step log lines only on an interactive terminal; Slurm logs, pipes and tests
@@ -31,8 +33,8 @@ def use_progress_bar(stream=None) -> bool:
 class Metrics:
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.tb_dir = Path(run_dir) / "tb"
-        self.jsonl_path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / layout.TENSORBOARD
+        self.jsonl_path = Path(run_dir) / layout.METRICS
         self._writer = None
         self._jsonl = None
         self._bar = None

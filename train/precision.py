@@ -12,18 +12,19 @@ auto picks
 
 An explicit bf16/fp16/fp32 wins, with two exceptions: fp16 on CPU is an error (DeepSpeed's CPU accelerator has no
 fp16), and bf16 on a CUDA device without bf16 is an error; bf16 forced on a CPU without fast bf16 runs, with a
-warning giving the probe's figures. A resumed run keeps the precision its checkpoint was trained in (see
-`train.trainer`).
+warning giving the probe's figures. A resumed run keeps the precision its checkpoint was trained in (`agree`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import platform
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from train.errors import ConfigError
 
@@ -172,3 +173,28 @@ def check_runnable(precision: str, device: torch.device, checkpoint: str) -> str
                           f"({str(exc).removeprefix('train.precision: ')}); resume on hardware that runs "
                           f"{precision}, or start a new run (another run.name)") from None
     return choice.warning
+
+
+def agree(requested: str, trained: tuple[str, object] | None, device: torch.device) -> Choice:
+    """Collective: the precision every rank trains in. Rank 0 resolves `requested` for this hardware, or keeps
+    `trained` = (precision, checkpoint) of the checkpoint a run resumes (`auto` only: an explicit precision that
+    differs from the checkpoint's fails in train.resume.check_compatible), and every rank takes its answer, so that
+    all ranks train in one precision or fail together. The warning of a slow choice is printed once."""
+    answer: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            if trained and requested == "auto":
+                precision, checkpoint = trained
+                warning = check_runnable(precision, device, str(checkpoint))
+                answer[0] = Choice(precision, requested, f"kept from {checkpoint} (a resumed run keeps the "
+                                   "precision it was trained in)", warning)
+            else:
+                answer[0] = resolve(requested, device)
+        except ConfigError as exc:
+            answer[0] = str(exc)
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], str):
+        raise ConfigError(answer[0])
+    if answer[0].warning and dist.get_rank() == 0:
+        print(answer[0].warning, file=sys.stderr, flush=True)
+    return answer[0]

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -46,10 +45,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data_prep.backend import TokenizerBackend  # noqa: E402
+from data_prep.encode import encode_input, read_framing  # noqa: E402
 from data_prep.errors import DataError  # noqa: E402
+from data_prep.files import atomic_file  # noqa: E402
+from data_prep.manifest import tokenizer_files  # noqa: E402
+from data_prep.pieces import BadRecord, Piece, ReadStats  # noqa: E402
+from data_prep.readers import input_format, iter_piece, location  # noqa: E402
+from data_prep.records import Extractor, RecordSpec  # noqa: E402
+from train import run_dir  # noqa: E402
 from train.errors import RunError  # noqa: E402
 
 
@@ -57,20 +63,11 @@ class PredictError(RunError):
     """A model directory or option predict cannot use; the message says why."""
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
-
-
 class Predictor:
     """A loaded model + tokenizer and the encoding of records, for one model directory."""
 
     def __init__(self, directory: str | Path, device: str = "cpu", text_fields: list[str] | None = None,
                  text_pair_field: str | None = None, prompt_field: str | None = None, max_length: int | None = None):
-        from data_prep.backend import TokenizerBackend
-        from data_prep.encode import read_framing
-        from data_prep.manifest import tokenizer_files
-        from data_prep.records import Extractor, RecordSpec
-
         directory = Path(directory)
         self.directory = directory
         info_path = directory / "export.json"
@@ -160,7 +157,7 @@ class Predictor:
             return model, classify
         if not (directory / "config.json").is_file():
             raise PredictError(f"{directory}: not a model directory (no config.json) nor a run directory "
-                               "(config.yaml + checkpoints/)")
+                               f"({run_dir.CONFIG} + {run_dir.CHECKPOINTS}/)")
         config = AutoConfig.from_pretrained(directory)
         architectures = getattr(config, "architectures", None) or []
         classify = any(a.endswith("ForSequenceClassification") for a in architectures)
@@ -176,29 +173,18 @@ class Predictor:
 
     # --------------------------------------------------------------------------------------------- encoding
     def encode(self, record: dict) -> list[int]:
-        """The token ids the model sees for `record`; raises records._Bad for a missing or non-string field."""
+        """The token ids the model sees for `record`; raises BadRecord (`data_prep.pieces`) for a missing or
+        non-string field."""
         return self.encode_with_types(record)[0]
 
     def encode_with_types(self, record: dict) -> tuple[list[int], list[int] | None]:
-        """(token ids, token type ids or None where the framing has none) of `record`."""
-        from data_prep.encode import encode_examples
-        from data_prep.records import Example
-
-        spec, ex = self.spec, self.extractor
-        if self.classify:
-            text = ex._text(record)
-            pair = (ex._string(record, spec.text_pair_field, "--text-pair-field", "the second text")
-                    if spec.text_pair_field else None)
-            tokens, _, types = encode_examples(self.backend, [Example([text] if pair is None else [text, pair], None,
-                                                                      None)], np.dtype(np.int64), self.framing, spec)
-            ids, types = tokens.tolist(), (types.tolist() if types is not None else None)
-            if self.max_length and len(ids) > self.max_length:  # as train.data.Documents cuts an example
-                ids = ids[:self.max_length - 1] + ids[-1:]
-                types = types[:self.max_length - 1] + types[-1:] if types is not None else None
-            return ids, types
-        prompt = ex._string(record, spec.prompt_field, "--prompt-field", "the prompt")
-        flat, _ = self.backend.encode_batch([prompt])
-        return list(self.framing.single[0]) + flat.astype(np.int64).tolist(), None
+        """(token ids, token type ids or None where the framing has none) of `record`: `data_prep.encode`'s
+        encoding of a model input; a classification input cut to `max_length` as the trainer cuts it."""
+        ids, types = encode_input(self.backend, self.framing, self.extractor, record)
+        if self.classify and self.max_length and len(ids) > self.max_length:  # as train.data.Documents cuts one
+            ids = ids[:self.max_length - 1] + ids[-1:]
+            types = types[:self.max_length - 1] + types[-1:] if types is not None else None
+        return ids, types
 
     # --------------------------------------------------------------------------------------------- inference
     @torch.inference_mode()
@@ -257,8 +243,6 @@ class Predictor:
 
 def _records(path: Path, spec_fields):
     """(location, record) for every record of the input file, streamed; a bad record raises DataError."""
-    from data_prep.readers import BadRecord, Piece, ReadStats, input_format, iter_piece, location
-
     if not path.is_file():
         raise PredictError(f"--input {path}: no such file")
     fmt = input_format(str(path))
@@ -276,9 +260,6 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
                  text_pair_field: str | None = None, prompt_field: str | None = None, step: str | None = None,
                  max_length: int | None = None, log=print) -> dict:
     """Predict every record of `input_path` into `output_path`; returns counts."""
-    from data_prep.readers import location
-    from data_prep.records import _Bad
-
     model_dir, input_path, output_path = Path(model_dir), Path(input_path), Path(output_path)
     if batch_size < 1 or max_new_tokens < 1:
         raise PredictError("--batch-size and --max-new-tokens must be >= 1")
@@ -293,7 +274,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
         raise PredictError(f"--input {input_path}: no such file")
     shown = str(model_dir)
     with ExitStack() as stack:
-        if _is_run_dir(model_dir):
+        if run_dir.is_run_dir(model_dir):
             from train.export import export_model
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="predict-export-")))
@@ -309,48 +290,42 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
         else:
             fields = [f for f in fields if f[1] != "--label-field"]
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}")
         counts = {"records": 0, "prompts_cut": 0, "labelled": 0, "agree": 0}
-        try:
-            with open(tmp_out, "w", encoding="utf-8") as out:
-                pending: list[tuple[dict, list[int], list[int] | None]] = []
+        with atomic_file(output_path, "w") as out:
+            pending: list[tuple[dict, list[int], list[int] | None]] = []
 
-                def flush():
-                    if not pending:
-                        return
-                    ids = [p[1] for p in pending]
-                    if predictor.classify:
-                        results = [{"label": label, "probabilities": probs}
-                                   for label, probs in predictor.classify_batch(ids, [p[2] for p in pending])]
-                    else:
-                        results = [{"generated": text} for text in predictor.generate_batch(ids, max_new_tokens)]
-                    for (record, _, _), result in zip(pending, results):
-                        if predictor.classify and "label" in record:
-                            counts["labelled"] += 1
-                            counts["agree"] += str(record["label"]) == result["label"]
-                        out.write(json.dumps(with_prediction(record, result), ensure_ascii=False) + "\n")
-                    counts["records"] += len(pending)
-                    pending.clear()
+            def flush():
+                if not pending:
+                    return
+                ids = [p[1] for p in pending]
+                if predictor.classify:
+                    results = [{"label": label, "probabilities": probs}
+                               for label, probs in predictor.classify_batch(ids, [p[2] for p in pending])]
+                else:
+                    results = [{"generated": text} for text in predictor.generate_batch(ids, max_new_tokens)]
+                for (record, _, _), result in zip(pending, results):
+                    if predictor.classify and "label" in record:
+                        counts["labelled"] += 1
+                        counts["agree"] += str(record["label"]) == result["label"]
+                    out.write(json.dumps(with_prediction(record, result), ensure_ascii=False) + "\n")
+                counts["records"] += len(pending)
+                pending.clear()
 
-                for (piece, number), record in _records(input_path, fields):
-                    try:
-                        ids, types = predictor.encode_with_types(record)
-                    except _Bad as bad:
-                        raise DataError(f"{location(piece, number)}: {bad.message}") from None
-                    if not predictor.classify:
-                        if not ids:
-                            raise DataError(f"{location(piece, number)}: the prompt ({predictor.spec.prompt_field}) "
-                                            "is empty: it encodes to no tokens, so there is nothing to continue")
-                        ids, cut = predictor.fit_prompt(ids, max_new_tokens)
-                        counts["prompts_cut"] += cut
-                    pending.append((record, ids, types))
-                    if len(pending) == batch_size:
-                        flush()
-                flush()
-            os.replace(tmp_out, output_path)
-        except BaseException:
-            tmp_out.unlink(missing_ok=True)
-            raise
+            for (piece, number), record in _records(input_path, fields):
+                try:
+                    ids, types = predictor.encode_with_types(record)
+                except BadRecord as bad:
+                    raise DataError(f"{location(piece, number)}: {bad.message}") from None
+                if not predictor.classify:
+                    if not ids:
+                        raise DataError(f"{location(piece, number)}: the prompt ({predictor.spec.prompt_field}) "
+                                        "is empty: it encodes to no tokens, so there is nothing to continue")
+                    ids, cut = predictor.fit_prompt(ids, max_new_tokens)
+                    counts["prompts_cut"] += cut
+                pending.append((record, ids, types))
+                if len(pending) == batch_size:
+                    flush()
+            flush()
     what = "classified" if predictor.classify else "generated for"
     note = (f"; {counts['prompts_cut']} prompt(s) kept only their last tokens to fit the model's "
             f"{predictor.positions} positions" if counts["prompts_cut"] else "")

@@ -3,7 +3,7 @@
 SIGUSR1 (Slurm's `--signal=USR1@lead`) or SIGTERM (what schedulers and DeepSpeed's launcher send before SIGKILL)
 only sets a flag; the handler does no I/O, so a second signal arriving during the save changes nothing. Ranks may
 receive the signal at different times (or only one of them at all), so the trainer all-reduces the flag at every
-step boundary: if any rank was signalled, all of them save the same step and exit with EXIT_CODE.
+step boundary: if any rank was signalled, all of them save the same step and exit with `train.exit_codes.PREEMPTED`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import time
 
-EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; batch scripts requeue on it
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -11,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from train import exit_codes
+from train import run_dir as layout
+
 
 class ReportError(Exception):
     pass
@@ -45,7 +48,8 @@ def plot(series: dict[str, list[tuple[int, float]]], title: str, output: Path) -
     panels = [[tag for tag in panel if tag in series] for panel in panels]
     panels = [panel for panel in panels if panel]
     if not panels:
-        raise ReportError("nothing to plot: metrics.jsonl has no train/loss, train/lr, val/* or test/* points yet")
+        raise ReportError(f"nothing to plot: {layout.METRICS} has no train/loss, train/lr, val/* or test/* points "
+                          "yet")
     columns = min(2, len(panels))
     rows = (len(panels) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows), squeeze=False)
@@ -70,18 +74,18 @@ def plot(series: dict[str, list[tuple[int, float]]], title: str, output: Path) -
 def report(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / layout.METRICS
     if not metrics_path.is_file():
         raise ReportError(f"{metrics_path} not found: is {run_dir} a run directory of train/main.py "
                           "(<run.output_dir>/<run.name>)?")
     title = str(run_dir)
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / layout.SUMMARY
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         mfu = summary.get("mean_mfu")
         title += f" | {summary['steps']} steps, {summary['tokens_seen']:,} tokens" + (
             f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
-    output = run_dir / "report.png"
+    output = run_dir / layout.REPORT
     plot(read_series(metrics_path), title, output)
     return output
 
@@ -89,15 +93,16 @@ def report(run_dir: Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.report",
                                      description="Plot a run's loss, learning-rate and eval curves to RUN_DIR/report.png.")
-    parser.add_argument("run_dir", type=Path, help="the run directory (holds metrics.jsonl and summary.json)")
+    parser.add_argument("run_dir", type=Path,
+                        help=f"the run directory (holds {layout.METRICS} and {layout.SUMMARY})")
     args = parser.parse_args(argv)
     try:
         output = report(args.run_dir)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     print(output)
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

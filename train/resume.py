@@ -1,8 +1,9 @@
 """What may change between a checkpoint and the run that continues it, and resuming at another world size.
 
-A resumed run must train the same model on the same data: a change to the architecture, sequence length,
-precision, ZeRO preset, seed or tokenizer is an error listing every differing key. Anything else (total steps,
-log/eval/save intervals, learning rate, batch size) is allowed and reported.
+A resumed run must train the same model on the same data: a change to a field that `train.config` declares
+breaking (architecture, task, fine-tuning method, sequence length, training split, seed, precision, ZeRO preset) or
+to the tokenizer is an error listing every differing key. Anything else (total steps, log/eval/save intervals,
+learning rate, batch size) is allowed and reported.
 
 A checkpoint written by a different number of ranks holds optimizer partitions of the wrong shape; it is
 converted once, by rank 0, to DeepSpeed's universal format (`step_<N>.universal/`), which any world size loads.
@@ -19,10 +20,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from train.checkpoint import remove, verify, write_manifest
+from train.config import MOVED_KEYS, breaking_keys
 from train.errors import ResumeError
 
-BREAKING = ("task.", "model.", "finetune.", "data.seq_len", "data.train_split", "run.seed", "train.precision", "train.deepspeed_config",
-            "tokenizer_fingerprint")
+TOKENIZER_KEY = "tokenizer_fingerprint"  # beside the config in a checkpoint's identity; changing it is breaking
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -37,10 +38,14 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def check_compatible(saved: dict, current: dict, checkpoint: Path) -> list[str]:
     """Raise ResumeError if a breaking key differs; return 'key: old -> new' for the allowed changes."""
-    old, new = flatten(saved), flatten(current)
+    # A checkpoint written before some keys moved (config.MOVED_KEYS) names them as they were.
+    old, new = {MOVED_KEYS.get(k, k): v for k, v in flatten(saved).items()}, flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     described = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
-    breaking = [d for k, d in zip(changed, described) if k.startswith(BREAKING)]
+    fixed = {*breaking_keys(), TOKENIZER_KEY}
+    # model.hf_config is flattened into model.hf_config.n_layer, ...: a key below a breaking one breaks too.
+    breaking = [d for k, d in zip(changed, described)
+                if k in fixed or any(k.startswith(f"{b}.") for b in fixed)]
     if breaking:
         raise ResumeError(f"cannot resume from {checkpoint}: the run changed in ways that change the model or its "
                           f"data: {'; '.join(breaking)}. Restore them, or start a new run (another run.name)")

@@ -30,6 +30,13 @@ def references(tiny_data, tmp_path_factory):
     return get
 
 
+def nan_at(*steps: int) -> dict:
+    """The fault that makes rank 0's loss NaN on the global batches an uninterrupted reference run trains at
+    `steps` (all in its first epoch: 4 items per micro-batch x 2 micro-batches x 2 ranks per step)."""
+    global_batch = 4 * 2 * 2
+    return {"REPARAM_FAULT_NAN_BATCHES": ",".join(f"0:{(s - 1) * global_batch}" for s in steps)}
+
+
 def losses(run_dir, steps=range(1, STEPS + 1)):
     metrics = read_metrics(run_dir)
     return [metrics[s]["train/loss"] for s in steps]
@@ -128,7 +135,7 @@ def test_resume_at_another_world_size_continues_the_run(saved_ranks, resumed_ran
 
 def test_one_nonfinite_batch_skips_the_update_and_training_goes_on(tiny_data, tmp_path):
     proc = run_training(RECIPE, reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS),
-                        env={"REPARAM_FAULT_NAN_STEPS": "6"})
+                        env=nan_at(6))
     assert "step 6: non-finite loss or gradients, update skipped (1 in a row)" in proc.stdout
     metrics = read_metrics(tmp_path / "run")
     assert metrics[6] == {"step": 6, "time": metrics[6]["time"], "train/nonfinite_steps": 1}
@@ -139,17 +146,17 @@ def test_one_nonfinite_batch_skips_the_update_and_training_goes_on(tiny_data, tm
 
 
 @pytest.mark.parametrize("stage, precision, nan_steps, expected", [
-    (2, "bf16", "6,7", "step 7: 2 steps in a row with non-finite loss or gradients; rolled back to {ckpt}, skipping 2 bad "
+    (2, "bf16", (6, 7), "step 7: 2 steps in a row with non-finite loss or gradients; rolled back to {ckpt}, skipping 2 bad "
                "batch(es) (rollback 1 of 2)"),
     # DeepSpeed skips non-finite updates in bf16/fp16 on every stage, but ZeRO-0 in fp32 applies them.
-    (0, "fp32", "6", "step 6: non-finite loss or gradients and this ZeRO stage applied the update; rolled back to {ckpt}, "
+    (0, "fp32", (6,), "step 6: non-finite loss or gradients and this ZeRO stage applied the update; rolled back to {ckpt}, "
              "skipping 1 bad batch(es) (rollback 1 of 2)"),
 ])
 def test_repeated_nonfinite_rolls_back_and_skips_the_bad_batches(stage, precision, nan_steps, expected, tiny_data,
                                                                   tmp_path):
     overrides = [*reference_overrides(tiny_data, tmp_path, "run", stage=stage, steps=STEPS),
                  "train.nonfinite_max_in_a_row=2", f"train.precision={precision}"]
-    proc = run_training(RECIPE, overrides, env={"REPARAM_FAULT_NAN_STEPS": nan_steps})
+    proc = run_training(RECIPE, overrides, env=nan_at(*nan_steps))
     assert expected.format(ckpt=tmp_path / "run/checkpoints/step_4") in proc.stdout, proc.stdout[-3000:]
     metrics = read_metrics(tmp_path / "run")
     losses = [metrics[s]["train/loss"] for s in range(1, STEPS + 1)]
@@ -162,7 +169,7 @@ def test_too_many_rollbacks_stop_the_run_with_a_report(tiny_data, tmp_path):
     # bf16: DeepSpeed skips a non-finite update (the message counts skipped steps in a row).
     overrides = [*reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS),
                  "train.nonfinite_max_in_a_row=2", "train.nonfinite_max_rollbacks=0", "train.precision=bf16"]
-    proc = run_training(RECIPE, overrides, check=False, env={"REPARAM_FAULT_NAN_STEPS": "6,7"})
+    proc = run_training(RECIPE, overrides, check=False, env=nan_at(6, 7))
     assert proc.returncode == 2
     assert ("error: step 7: 2 steps in a row with non-finite loss or gradients; stopping after 0 rollbacks "
             "(train.nonfinite_max_rollbacks). 2 non-finite steps so far; lower optim.lr, raise optim.warmup_steps "

@@ -47,7 +47,7 @@ def train(runs, name: str, overrides: list[str]):
 def zero2_run(runs, tiny_data):
     """Causal LM from scratch, ZeRO-2, fp32; checkpoints at steps 3 and 6."""
     return train(runs, "zero2", [*TINY_MODEL, f"data.path={tiny_data['shards']}", "train.max_steps=6",
-                                 "train.save_every=3", "train.deepspeed_config=ds_configs/zero2.json"])
+                                 "checkpoint.every=3", "train.deepspeed_config=ds_configs/zero2.json"])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def zero3_run(runs, finetune_data, pretrained_models):
     """sft on the pretrained llama with frozen embeddings, ZeRO-3, fp32 (frozen parameters are partitioned too)."""
     return train(runs, "zero3", ["task.kind=sft", "model.init=pretrained", f"model.path={pretrained_models['llama']}",
                                  f"data.path={finetune_data['sft']}", "finetune.method=freeze",
-                                 "finetune.freeze_embeddings=true", "train.max_steps=4", "train.eval_batches=0",
+                                 "finetune.freeze_embeddings=true", "train.max_steps=4", "eval.batches=0",
                                  "train.deepspeed_config=ds_configs/zero3.json"])
 
 
@@ -65,8 +65,8 @@ def lora_run(runs, finetune_data, pretrained_models):
     fp32, best checkpoint tracked."""
     return train(runs, "lora", ["task.kind=classification", "model.init=pretrained",
                                 f"model.path={pretrained_models['gpt2']}", f"data.path={finetune_data['cls']}",
-                                "finetune.method=lora", "train.max_steps=6", "train.eval_every=2",
-                                "train.eval_batches=0", "train.best_metric=val/loss",
+                                "finetune.method=lora", "train.max_steps=6", "eval.every=2",
+                                "eval.batches=0", "eval.best_metric=val/loss",
                                 "train.deepspeed_config=ds_configs/zero1.json"])
 
 
@@ -108,7 +108,7 @@ def val_metrics(model, run_dir) -> dict[str, float]:
     sums = EvalSums(kind, num_labels, "cpu")
     with torch.no_grad():
         for rank in range(2):
-            for indices in eval_batches(len(items), cfg.train.micro_batch_size, 2, rank, cfg.train.eval_batches):
+            for indices in eval_batches(len(items), cfg.train.micro_batch_size, 2, rank, cfg.eval.batches):
                 batch, _ = items.model_batch(indices if len(indices) else np.array([len(items) - 1]))
                 labels = batch.pop("labels")
                 if not len(indices):

@@ -15,7 +15,7 @@ def test_classification_from_a_pretrained_encoder_learns_stops_early_and_reports
         pretrained_models, finetune_data, tmp_path):
     run_training(ROOT / "configs/classify_bert.yaml", [
         f"model.path={pretrained_models['bert']}", f"data.path={finetune_data['cls']}", "data.seq_len=64",
-        "optim.lr=1.0e-3", "optim.warmup_steps=5", "train.epochs=6", "train.early_stopping_patience=1",
+        "optim.lr=1.0e-3", "optim.warmup_steps=5", "train.epochs=6", "eval.early_stopping_patience=1",
         "train.log_every=5", f"run.output_dir={tmp_path}", "run.name=cls"])
     run_dir = tmp_path / "cls"
     results = json.loads((run_dir / "results.json").read_text())
@@ -60,7 +60,7 @@ def test_sft_with_lora_on_zero3_trains_adapters_only_and_the_response_loss_falls
         f"model.path={pretrained_models['llama']}", f"data.path={finetune_data['sft']}", "data.seq_len=64",
         "finetune.lora_r=8", "finetune.lora_target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
         "down_proj]", "optim.lr=1.0e-2", "optim.warmup_steps=5", "train.epochs=0", "train.max_steps=30",
-        "train.eval_every=10", "train.save_every=0", "train.early_stopping_patience=0", "train.log_every=1",
+        "eval.every=10", "checkpoint.every=0", "eval.early_stopping_patience=0", "train.log_every=1",
         f"run.output_dir={tmp_path}", "run.name=sft"])
     run_dir = tmp_path / "sft"
     metrics, results = read_metrics(run_dir), json.loads((run_dir / "results.json").read_text())
@@ -84,7 +84,7 @@ def test_freezing_keeps_frozen_weights_bit_identical(pretrained_models, tiny_dat
     run_training(ROOT / "configs/continued_pretrain_freeze.yaml", [
         f"model.path={pretrained_models['gpt2']}", f"data.path={tiny_data['shards']}", "data.seq_len=64",
         "finetune.freeze_bottom_layers=1", "train.max_steps=6", "train.micro_batch_size=4", "train.grad_accum_steps=1",
-        "train.eval_every=0", "train.save_every=0", "train.log_every=1", "train.best_metric=''",
+        "eval.every=0", "checkpoint.every=0", "train.log_every=1", "eval.best_metric=''",
         f"run.output_dir={tmp_path}", "run.name=freeze"])
     run_dir = tmp_path / "freeze"
     trained, base = fp32_weights(run_dir), pretrained_weights(pretrained_models["gpt2"])

@@ -1,5 +1,5 @@
-"""bench/gpu_check.sh, the script prepared for a lent GPU machine, run end to end in its --smoke mode on this CPU
-machine: its Llama run (llama-tiny standing in for llama-1b: same model code path, ZeRO-2, activation checkpointing)
+"""bench/gpu_check.sh, the GPU check (a 1B Llama, ours vs the HF Trainer, fp16), run end to end in its --smoke mode on
+a CPU: its Llama run (llama-tiny standing in for llama-1b: same model code path, ZeRO-2, activation checkpointing)
 and its 14M-model comparison with the HF Trainer both train and leave their figures in $OUT; its fp16 run needs CUDA
 and says it was skipped. Nothing about speed is asserted: the figures are the bench's."""
 

@@ -40,8 +40,8 @@ def test_datasetdict_with_classlabel_trains_on_its_own_splits(tiny_data, pretrai
 
     run_training(ROOT / "configs/classify_bert.yaml", [
         f"model.path={pretrained_models['bert']}", f"data.path={shards}", "data.seq_len=64", "train.epochs=0",
-        "train.max_steps=2", "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=2",
-        "train.eval_batches=2", "train.early_stopping_patience=0", f"run.output_dir={tmp_path}", "run.name=hf"])
+        "train.max_steps=2", "train.micro_batch_size=4", "train.log_every=1", "eval.every=2",
+        "eval.batches=2", "eval.early_stopping_patience=0", f"run.output_dir={tmp_path}", "run.name=hf"])
     run_dir = tmp_path / "hf"
     summary = json.loads((run_dir / "summary.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())

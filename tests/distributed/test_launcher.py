@@ -15,7 +15,7 @@ import time
 from tests.conftest import ROOT, TINY_MODEL, free_port, read_metrics
 
 STEPS = 6
-RUN = [*TINY_MODEL, f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+RUN = [*TINY_MODEL, f"train.max_steps={STEPS}", "train.log_every=1", "eval.every=0", "checkpoint.every=0",
        "train.collective_timeout_s=30"]
 # Two "nodes" on a 2-core box: one thread per rank, or 4 threads fight over 2 cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -72,7 +72,7 @@ def test_two_nodes_without_ssh_match_the_single_node_run(tiny_data, tmp_path):
 
 
 def test_usr1_to_the_launcher_checkpoints_and_exits_75(tiny_data, tmp_path):
-    proc = start("--nproc", "2", *TINY_MODEL, "train.max_steps=10000", "train.log_every=1", "train.eval_every=0",
+    proc = start("--nproc", "2", *TINY_MODEL, "train.max_steps=10000", "train.log_every=1", "eval.every=0",
                  f"data.path={tiny_data['shards']}", f"run.output_dir={tmp_path}", "run.name=pre")
     wait_for_step(tmp_path / "pre", 2, proc)
     proc.send_signal(signal.SIGUSR1)
@@ -86,7 +86,7 @@ def test_usr1_to_the_launcher_checkpoints_and_exits_75(tiny_data, tmp_path):
 
 
 def test_killed_rank_stops_the_launcher_within_60s_and_is_named(tiny_data, tmp_path):
-    proc = start("--nproc", "2", *TINY_MODEL, "train.max_steps=10000", "train.log_every=1", "train.eval_every=0",
+    proc = start("--nproc", "2", *TINY_MODEL, "train.max_steps=10000", "train.log_every=1", "eval.every=0",
                  f"data.path={tiny_data['shards']}", f"run.output_dir={tmp_path}", "run.name=killed",
                  env={"REPARAM_FAULT_AT_STEP": "3", "REPARAM_FAULT_RANK": "1"})
     wait_for_step(tmp_path / "killed", 3, proc)
@@ -102,7 +102,7 @@ def test_sigterm_to_every_process_still_exits_75(tiny_data, tmp_path):
     """What Slurm does on preemption or at the time limit: SIGTERM to every process of the job, DeepSpeed's own
     launcher included (which then exits 1 whatever its ranks did)."""
     proc = subprocess.Popen(launcher("--nproc", "2", *TINY_MODEL, "train.max_steps=10000", "train.log_every=1",
-                                     "train.eval_every=0", f"data.path={tiny_data['shards']}",
+                                     "eval.every=0", f"data.path={tiny_data['shards']}",
                                      f"run.output_dir={tmp_path}", "run.name=term"),
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -123,7 +123,7 @@ def test_a_rank_killed_on_one_node_stops_both_nodes_within_60s(tiny_data, tmp_pa
     hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
     port = str(free_port())
     nodes = [start("--hostfile", str(hostfile), "--node-rank", str(rank), "--master-port", port, *TINY_MODEL,
-                   "train.max_steps=10000", "train.log_every=1", "train.eval_every=0", "train.collective_timeout_s=30",
+                   "train.max_steps=10000", "train.log_every=1", "eval.every=0", "train.collective_timeout_s=30",
                    f"data.path={tiny_data['shards']}", f"run.output_dir={tmp_path}", "run.name=two_nodes",
                    env={"GLOO_SOCKET_IFNAME": "lo", "REPARAM_FAULT_AT_STEP": "3", "REPARAM_FAULT_RANK": "1"})
              for rank in (0, 1)]

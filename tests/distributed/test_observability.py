@@ -23,7 +23,7 @@ RECIPE = ROOT / "configs/quickstart.yaml"
 def run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("obs")
     proc = run_training(RECIPE, [*reference_overrides(tiny_data, out, "obs", stage=2, steps=STEPS),
-                                 "train.save_every=3", "train.eval_every=3", "train.best_metric=val/loss"])
+                                 "checkpoint.every=3", "eval.every=3", "eval.best_metric=val/loss"])
     run_dir = out / "obs"
     return run_dir, proc, EventAccumulator(str(run_dir / "tb")).Reload()
 

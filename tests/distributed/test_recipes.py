@@ -20,8 +20,8 @@ def test_every_shipped_recipe_runs(recipe, tiny_data, finetune_data, pretrained_
     finetune = raw.get("finetune", {})
     data = {"causal_lm": tiny_data["shards"], "sft": finetune_data["sft"], "classification": finetune_data["cls"]}
     overrides = [f"data.path={data[kind]}", "data.seq_len=64", "train.epochs=0", "train.max_steps=2",
-                 "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.eval_every=0", "train.eval_batches=2",
-                 "train.save_every=0", f"run.output_dir={tmp_path}", "run.name=recipe"]
+                 "train.micro_batch_size=2", "train.grad_accum_steps=1", "eval.every=0", "eval.batches=2",
+                 "checkpoint.every=0", f"run.output_dir={tmp_path}", "run.name=recipe"]
     if raw.get("model", {}).get("init") == "pretrained":
         model = "bert" if kind == "classification" and finetune.get("method") != "lora" else "gpt2"
         overrides.append(f"model.path={pretrained_models[model]}")

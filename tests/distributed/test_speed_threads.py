@@ -15,7 +15,7 @@ from tests.conftest import ROOT, TINY_MODEL
 def test_launcher_gives_a_rank_the_cores_it_documents(tiny_data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     cmd = [sys.executable, "-m", "launcher", "--config", str(ROOT / "configs/quickstart.yaml"), "--nproc", "1",
-           *TINY_MODEL, "train.max_steps=2", "train.eval_every=0", "train.save_every=0", 'data.val_split=""',
+           *TINY_MODEL, "train.max_steps=2", "eval.every=0", "checkpoint.every=0", 'data.val_split=""',
            f"data.path={tiny_data['shards']}", f"run.output_dir={tmp_path}", "run.name=threads"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -78,7 +78,7 @@ def test_preemption_signal_saves_exits_75_and_resumes_exactly(sig, reference_run
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
 def test_every_zero_preset_trains(preset, tiny_data, tmp_path):
     run_training(RECIPE, [*reference_overrides(tiny_data, tmp_path, "quickstart", stage=2, steps=3),
-                          "train.eval_every=0", f"train.deepspeed_config=ds_configs/{preset}"])
+                          "eval.every=0", f"train.deepspeed_config=ds_configs/{preset}"])
     metrics = read_metrics(tmp_path / "quickstart")
     assert [s for s in metrics if "train/loss" in metrics[s]] == [1, 2, 3]
     assert all(metrics[s]["train/loss"] == metrics[s]["train/loss"] for s in (1, 2, 3))  # finite, not NaN
@@ -117,7 +117,7 @@ def test_a_signal_during_a_save_leaves_it_intact_and_preempts_after(reference_ru
 
 def test_training_on_a_blend_samples_its_parts_and_reports_the_shares(blend_spec, tiny_data, tmp_path):
     proc = run_training(RECIPE, [*reference_overrides(tiny_data, tmp_path, "blend", stage=2, steps=4),
-                                 f"data.path={blend_spec}", "train.eval_every=2"])
+                                 f"data.path={blend_spec}", "eval.every=2"])
     summary = json.loads((tmp_path / "blend/summary.json").read_text())
     assert [part["weight"] for part in summary["blend"]] == [0.75, 0.25]
     assert all(abs(part["realised"] - part["weight"]) < 0.03 for part in summary["blend"])

@@ -1,18 +1,19 @@
 """Run config: parsing, overrides, validation messages, and that every shipped recipe and preset parses."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from train import config, ds_config, precision
-from train.errors import ConfigError
+from train import config, ds_config, precision, resume
+from train.errors import ConfigError, ResumeError
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write(tmp_path, text: str) -> Path:
-    path = tmp_path / "recipe.yaml"
+def write(tmp_path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
     path.write_text(text)
     return path
 
@@ -45,9 +46,9 @@ def test_unknown_section_and_override_typo(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("train.max_steps=0", "train.max_steps: must be >= 1, got 0"),
-    ("train.precision=fp8", "train.precision: must be auto, bf16, fp16 or fp32, got 'fp8'"),
+    ("train.precision=fp8", "train.precision: must be one of auto, bf16, fp16, fp32, got 'fp8'"),
     ("optim.min_lr=1.0", "optim.min_lr: must be in [0, optim.lr], got 1.0"),
-    ("run.resume=maybe", "run.resume: must be 'auto', 'never' or 'require', got 'maybe'"),
+    ("run.resume=maybe", "run.resume: must be one of auto, never, require, got 'maybe'"),
     ("train.micro_batch_size=two", "train.micro_batch_size must be int, got str 'two'"),
     ("data.path=''", "data.path: is required"),
 ])
@@ -95,8 +96,57 @@ def test_an_unresolved_precision_never_reaches_deepspeed(tmp_path):
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
-def test_every_preset_loads(preset):
-    assert ds_config.zero_stage(ds_config.load_preset(preset)) in (0, 1, 2, 3)
+def test_every_preset_builds_the_zero_stage_it_is_named_for_with_the_run_batch(preset, tmp_path):
+    cfg = config.load(write(tmp_path, f"data: {{path: shards}}\ntrain: {{micro_batch_size: 3, grad_accum_steps: 2, "
+                                      f"precision: fp32, deepspeed_config: {preset}}}\n"))
+    built = ds_config.build(cfg, world_size=4)
+    assert ds_config.zero_stage(built) == int(preset.stem.removeprefix("zero"))
+    assert (built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"],
+            built["train_batch_size"]) == (3, 2, 24)
+    # Everything the preset sets reaches DeepSpeed unchanged; the run config only adds.
+    assert {k: built[k] for k in ds_config.load_preset(preset)} == ds_config.load_preset(preset)
+
+
+def test_keys_moved_out_of_train_are_still_read_under_their_old_names(tmp_path):
+    path = write(tmp_path, "data: {path: shards}\ntrain: {eval_every: 7, save_every: 9, best_metric: val/loss}\n")
+    cfg = config.load(path, ["train.keep_last=2", "eval.batches=3"])
+    assert (cfg.eval.every, cfg.checkpoint.every, cfg.eval.best_metric, cfg.checkpoint.keep_last,
+            cfg.eval.batches) == (7, 9, "val/loss", 2, 3)
+    assert config.load(path, ["train.eval_every=5"]).eval.every == 5  # an override of the old name still wins
+    both = write(tmp_path, "data: {path: shards}\ntrain: {eval_every: 7}\neval: {every: 3}\n", "both.yaml")
+    with pytest.raises(ConfigError) as err:
+        config.load(both)
+    assert str(err.value) == (f"{both}: train.eval_every and eval.every are the same setting (train.eval_every is "
+                              "its old name); keep eval.every")
+
+
+def test_every_field_declares_whether_a_resume_may_change_it():
+    fields = {f"{section}.{f.name}": f.metadata["on_resume"] for section, cls in config._SECTION_CLASSES.items()
+              for f in dataclasses.fields(cls)}
+    assert set(fields.values()) == {config.ALLOWED, config.BREAKING}
+    assert {key for key, policy in fields.items() if policy == config.BREAKING} == config.breaking_keys()
+    assert {"model.hf_config", "data.seq_len", "data.train_split", "train.precision", "run.seed"} <= \
+        config.breaking_keys()
+    assert not {"optim.lr", "train.max_steps", "eval.every", "checkpoint.every"} & config.breaking_keys()
+
+
+def test_resume_refuses_breaking_changes_and_reports_the_others(tmp_path):
+    saved = {**config.from_dict({"data": {"path": "x"}}).to_dict(), resume.TOKENIZER_KEY: "abc"}
+    changed = config.from_dict({"data": {"path": "x"}, "optim": {"lr": 1e-3}, "eval": {"every": 5}}).to_dict()
+    assert resume.check_compatible(saved, {**changed, resume.TOKENIZER_KEY: "abc"}, tmp_path) == [
+        "eval.every: 100 -> 5", "optim.lr: 0.0003 -> 0.001"]
+    for raw, change in (({"model": {"hf_config": {"n_layer": 3}}}, "model.hf_config.n_layer: None -> 3"),
+                        ({"data": {"path": "x", "seq_len": 64}}, "data.seq_len: 512 -> 64")):
+        current = config.from_dict({"data": {"path": "x"}, **raw}).to_dict()
+        with pytest.raises(ResumeError, match="the run changed in ways that change the model or its data") as err:
+            resume.check_compatible(saved, {**current, resume.TOKENIZER_KEY: "abc"}, tmp_path)
+        assert change in str(err.value) and "optim" not in str(err.value)
+    with pytest.raises(ResumeError, match="tokenizer_fingerprint: 'abc' -> 'def'"):
+        resume.check_compatible(saved, {**saved, resume.TOKENIZER_KEY: "def"}, tmp_path)
+    # A checkpoint written when eval.every was train.eval_every compares under the new name.
+    old = {**saved, "train": {**saved["train"], "eval_every": 100}, "eval": {k: v for k, v in saved["eval"].items()
+                                                                            if k != "every"}}
+    assert resume.check_compatible(old, saved, tmp_path) == []
 
 
 def test_describe_documents_every_key():

@@ -57,7 +57,7 @@ def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path):
 def test_config_that_is_not_a_mapping_is_one_line(tmp_path, text, what):
     path = write(tmp_path, text)
     assert error_of(path) == (f"{path}: must be a YAML mapping of sections (run, task, model, finetune, data, optim, "
-                              f"train), got a {what}")
+                              f"train, eval, checkpoint), got a {what}")
 
 
 def test_config_not_utf8_names_the_byte_and_line(tmp_path):
@@ -111,7 +111,7 @@ def test_every_value_is_range_checked(tmp_path, override, message):
 
 def test_non_string_keys_are_unknown_keys_not_crashes(tmp_path):
     assert error_of(write(tmp_path, "data: {path: shards}\n1: x\n")).endswith(
-        "unknown key '1'; valid keys: data, finetune, model, optim, run, task, train")
+        "unknown key '1'; valid keys: checkpoint, data, eval, finetune, model, optim, run, task, train")
     assert "unknown key 'train.None'" in error_of(write(tmp_path, "data: {path: shards}\ntrain: {~: 1}\n", "n.yaml"))
     assert error_of(write(tmp_path, "data: {path: shards}\ntrain: 0\n", "z.yaml")).endswith(
         "section 'train' must be a mapping, got int")

@@ -17,9 +17,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from data_prep.errors import DataError
 from data_prep.manifest import tokenizer_fingerprint
 from data_prep.pipeline import tokenize_corpus
-from data_prep.readers import ReadStats, expand_inputs, iter_documents
+from data_prep.pieces import ReadStats
+from data_prep.readers import expand_inputs
+from data_prep.records import iter_documents
 from data_prep.shards import ShardSet, ShardWriter, dtype_for_vocab, load_manifest
-from data_prep.splits import splitmix64, val_mask
+from data_prep.splits import SplitSpec, splitmix64
 from data_prep.train_tokenizer import save_tokenizer_dir, train_tokenizer
 from data_prep.verify import verify_shards
 
@@ -196,6 +198,15 @@ def test_shard_writer_splits_batches_at_the_threshold(tmp_path):
                                                          "train_00001.bin", "train_00001.idx.npy"]
 
 
+def test_shard_writer_abort_drops_the_shard_in_progress_and_its_temporaries(tmp_path):
+    writer = ShardWriter(tmp_path, "train", np.uint16, shard_tokens=5, with_mask=True)
+    writer.add(np.arange(1, 8, dtype=np.uint32), np.array([3, 4]), np.ones(7, dtype=np.uint8))  # shard 0: complete
+    writer.add(np.array([1, 2], dtype=np.uint32), np.array([2]), np.ones(2, dtype=np.uint8))  # shard 1: open
+    writer.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_00000.bin", "train_00000.idx.npy",
+                                                         "train_00000.mask.bin"]
+
+
 # ---------------------------------------------------------------------------------------------- splits + manifest
 
 
@@ -203,7 +214,8 @@ def test_val_split_is_deterministic_and_independent_of_batch_size(tiny, tmp_path
     runs = [tokenize_corpus([str(tiny["jsonl"])], tiny["tokenizer"], tmp_path / f"b{bs}", val_fraction=0.25,
                             batch_size=bs, shard_tokens=1000) for bs in (1, 7, 1024)]
     assert runs[0]["splits"] == runs[1]["splits"] == runs[2]["splits"]
-    mask = val_mask(0, 120, 0.25)
+    spec = SplitSpec(val_fraction=0.25)
+    mask = spec.assign(0, 120, spec.thresholds(120)) == 1
     assert mask[0] and runs[0]["splits"]["val"]["num_docs"] == int(mask.sum()) == 25  # pinned: the hash is fixed
     ids = reference_ids(tiny["hf"], tiny["docs"][:120])
     assert docs_of(ShardSet(tmp_path / "b7", "val")) == [ids[n] + [0] for n in np.flatnonzero(mask)]
@@ -214,7 +226,8 @@ def test_split_hash_is_splitmix64():
     # hash(n) = the first output of the splitmix64 generator seeded with n (published reference values).
     assert [hex(int(h)) for h in splitmix64(np.arange(2, dtype=np.uint64))] == [
         "0xe220a8397b1dcdaf", "0x910a2dec89025cc1"]
-    assert abs(val_mask(0, 100_000, 0.02).mean() - 0.02) < 0.002
+    spec = SplitSpec(val_fraction=0.02)
+    assert abs(np.mean(spec.assign(0, 100_000, spec.thresholds(100_000)) == 1) - 0.02) < 0.002
 
 
 def test_val_fraction_needs_two_documents(tiny, tmp_path):
@@ -465,7 +478,9 @@ def test_data_prep_never_imports_torch_transformers_or_deepspeed(tiny, tmp_path)
 import sys
 import data_prep.__main__, data_prep.backend, data_prep.demo_corpus, data_prep.manifest, data_prep.pipeline
 import data_prep.readers, data_prep.shards, data_prep.splits, data_prep.train_tokenizer, data_prep.verify
-import data_prep.records, data_prep.blend, data_prep.progress
+import data_prep.records, data_prep.blend, data_prep.progress, data_prep.encode, data_prep.workers
+import data_prep.parts, data_prep.resume_state, data_prep.assemble, data_prep.pieces, data_prep.hf_datasets
+import data_prep.files, data_prep.faults
 from data_prep.pipeline import tokenize_corpus
 tokenize_corpus([{str(tiny["jsonl"])!r}], {str(tiny["tokenizer"])!r}, {str(tmp_path / "out")!r})
 print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "transformers", "deepspeed"}}))

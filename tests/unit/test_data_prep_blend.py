@@ -11,14 +11,17 @@ import pytest
 from data_prep.blend import BlendSampler, load_blend, parse_blend
 from data_prep.errors import DataError
 from data_prep.pipeline import tokenize_corpus
-from data_prep.splits import SplitSpec, val_mask
+from data_prep.splits import SplitSpec, splitmix64
 from tests.unit.test_data_prep import run_cli, tiny  # noqa: F401 (fixture)
 
 
-def test_split_fraction_rule_equals_val_mask_and_counts_are_exact():
+def test_split_fraction_rule_is_the_documented_one_and_counts_are_exact():
+    # By fraction: document n goes to val iff the top 53 bits of splitmix64(n) / 2**53 < val_fraction; document 0
+    # always does.
     spec = SplitSpec(val_fraction=0.05)
-    thresholds = spec.thresholds(100_000)
-    assert np.array_equal(spec.assign(0, 100_000, thresholds) == 1, val_mask(0, 100_000, 0.05))
+    ordinals = np.arange(100_000, dtype=np.uint64)
+    uniform = (splitmix64(ordinals) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    assert np.array_equal(spec.assign(0, 100_000, spec.thresholds(100_000)) == 1, (uniform < 0.05) | (ordinals == 0))
     spec = SplitSpec(val_count=137, test_fraction=0.02)
     a = spec.assign(0, 50_000, spec.thresholds(50_000))
     assert np.count_nonzero(a == 1) == 137 and abs(np.count_nonzero(a == 2) / 50_000 - 0.02) < 0.003

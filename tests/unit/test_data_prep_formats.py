@@ -206,7 +206,8 @@ def test_progress_logs_rates_and_eta_when_not_a_tty(monkeypatch, capsys):
 
 def test_jsonl_records_are_exactly_what_json_loads_reads(tmp_path):
     """orjson reads the lines; wherever it could differ from json.loads the line is read by json.loads instead."""
-    from data_prep.readers import BadRecord, Piece, ReadStats, iter_piece
+    from data_prep.pieces import BadRecord, Piece, ReadStats
+    from data_prep.readers import iter_piece
 
     lines = [b'{"text": "plain", "label": 3}', b'{"text": "\\ud83d\\ude00 pair", "n": -0.0}',
              b'{"text": "lone \\ud800 surrogate"}', b'{"text": "x", "score": NaN}', b'{"text": "x", "big": 1e400}',

@@ -21,8 +21,8 @@ import zstandard
 from data_prep.errors import DataError
 from data_prep.manifest import tokenizer_fingerprint
 from data_prep.pipeline import tokenize_corpus
-from data_prep.readers import ReadStats, iter_documents
-from data_prep.records import RecordSpec
+from data_prep.pieces import ReadStats
+from data_prep.records import RecordSpec, iter_documents
 from data_prep.shards import ShardSet
 from tests.unit.test_data_prep import ROOT, docs_of, reference_ids, run_cli, tiny  # noqa: F401 (fixture)
 
@@ -290,14 +290,17 @@ def test_fingerprint_covers_tokenizer_files_only_and_never_reads_a_stray_file(ti
 # ---------------------------------------------------------------------------------------------- disk full
 
 
-def test_disk_full_leaves_nothing_half_written_and_the_rerun_resumes(tiny, tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("full_at", [".train_", ".u000001."], ids=["first_shard", "second_part"])
+def test_disk_full_leaves_nothing_half_written_and_the_rerun_resumes(tiny, tmp_path, monkeypatch, capfd, full_at):
     out = tmp_path / "out"
     real_fsync = os.fsync
 
-    def full(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(fd):  # the disk fills up while the first shard, or the second unit's part, is written
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(full_at):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", full)  # the first shard's fsync fails
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as err:
         tokenize_corpus([str(tiny["jsonl"])], tiny["tokenizer"], out, chunk_mb=2 / 1024)
     assert err.value.errno == errno.ENOSPC

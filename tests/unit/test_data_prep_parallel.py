@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from data_prep.errors import DataError
-from data_prep.pipeline import MIN_MB_PER_PROCESS_ENV, PARTS_DIR, auto_chunk_bytes, merge, tokenize_corpus
+from data_prep.parts import PARTS_DIR
+from data_prep.pipeline import auto_chunk_bytes, merge, tokenize_corpus
 from data_prep.shards import ShardSet
+from data_prep.workers import MIN_MB_PER_PROCESS_ENV
 from tests.unit.test_data_prep import ROOT, docs_of, random_text, reference_ids, run_cli, tiny  # noqa: F401
 
 
@@ -113,7 +115,7 @@ def test_sigkill_worker_then_parent_then_resume_equals_uninterrupted(tiny, corpu
     cmd = [sys.executable, "-m", "data_prep", "tokenize", "--input", *corpus["paths"], "--tokenizer",
            str(tiny["tokenizer"]), "--output", str(out), "--val-fraction", "0.1", "--test-count", "20",
            "--shard-tokens", "2000", "--workers", "2", "--chunk-mb", str(2 / 1024)]
-    env = {**os.environ, "DATA_PREP_TEST_UNIT_DELAY": "0.2"}
+    env = {**os.environ, "REPARAM_FAULT_UNIT_DELAY": "0.2"}  # each unit waits after its part: time to kill
     # 1. SIGKILL one worker: the run stops with a clear error, finished parts stay
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     _wait_parts(out, 2, proc)

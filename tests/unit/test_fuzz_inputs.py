@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from data_prep.errors import DataError
-from data_prep.readers import ReadStats, iter_documents
+from data_prep.pieces import ReadStats
+from data_prep.records import iter_documents
 from train import config as config_lib
 from train.errors import ConfigError
 

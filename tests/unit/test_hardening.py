@@ -130,7 +130,7 @@ def test_a_planted_latest_pointer_falls_back_with_a_warning(fake_run, evil, tmp_
 
 
 def test_checkpointer_best_tag_refuses_a_bad_pointer(tmp_path):
-    """What the trainer's test-split scoring (Trainer._test) calls before loading the best weights."""
+    """What the trainer's test-split scoring (Evaluator.final_results) calls before loading the best weights."""
     (tmp_path / "best").write_text("../../evil/step_9")
     with pytest.raises(ResumeError, match=r"holds '\.\./\.\./evil/step_9', not a checkpoint name"):
         ckpt.Checkpointer(tmp_path, rank=0).best_tag()

@@ -70,6 +70,27 @@ def test_explicit_thread_setting_wins_and_pythonpath_is_kept():
     assert rank_environment(os.cpu_count() * 2, {})["OMP_NUM_THREADS"] == "1"
 
 
+def test_the_batch_scripts_requeue_on_the_trainers_preemption_exit_code():
+    """slurm/requeue.sh is shell and repeats the code; it must be the one train/main.py and the launcher exit with."""
+    from train import exit_codes
+
+    [value] = re.findall(r"^PREEMPTED_EXIT_CODE=(\d+)\b", (ROOT / "slurm/requeue.sh").read_text(), re.M)
+    assert int(value) == exit_codes.PREEMPTED
+
+
+def test_the_rank_wrapper_runs_as_a_script_from_anywhere_without_loading_torch(tmp_path):
+    """DeepSpeed's launcher runs `python launcher/rank.py train/main.py ...`; the wrapper imports the exit-code table
+    from the project root whatever the working directory and PYTHONPATH, and nothing that loads torch."""
+    probe = ("import runpy, sys; sys.argv = [sys.argv[1], '-c', 'pass']; code = 0\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as exc:\n    code = exc.code\n"
+             "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'train', 'launcher')))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe, str(ROOT / "launcher/rank.py")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0 ['train', 'train.exit_codes']", out
+
+
 def readme_block_after(heading: str) -> str:
     text = (ROOT / "README.md").read_text()
     section = text.split(heading, 1)[1]

@@ -96,7 +96,7 @@ def test_a_zero_width_terminal_gets_plain_lines(monkeypatch):
 
 
 def test_summary_table():
-    from train.trainer import Trainer
+    from train.reporting import summary_table
 
     summary = {"steps": 6, "max_steps": 6, "steps_this_session": 6, "preempted": False, "stopped_early": False,
                "tokens_seen": 6144, "wall_seconds": 12.5, "mean_tokens_per_s": 491.5, "mean_mfu": 0.0123,
@@ -104,7 +104,7 @@ def test_summary_table():
                "peak_rss_gb": 1.234, "peak_gpu_mem_gb": None,
                "best": {"metric": "val/loss", "mode": "min", "value": 5.5, "step": 3},
                "final_val": {"val/loss": 5.6}, "checkpoint": "runs/x/checkpoints/step_6"}
-    assert Trainer._summary_table(summary).splitlines() == [
+    assert summary_table(summary).splitlines() == [
         "run summary",
         "  steps           6/6 (6 this session)",
         "  tokens          6,144",
