@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="HuggingFace tokenizer dir (with tokenizer.json)")
     p.add_argument("--output", required=True, help="shard directory to write (previous shards in it are replaced)")
+    p.add_argument("--eos-token", default=None,
+                   help="token that ends each document in the shards (default: the tokenizer's eos_token, else "
+                        "<|endoftext|>, else its sep_token); for a tokenizer that names none")
     p.add_argument("--record-kind", choices=("text", "sft", "classification"), default="text",
                    help="text: pretraining stream (default); sft: prompt/response or chat messages with a loss mask; "
                         "classification: text (+ text pair) and a label")
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         shard_tokens=args.shard_tokens, batch_size=args.batch_size, spec=spec,
                         val_count=args.val_count, test_fraction=args.test_fraction, test_count=args.test_count,
                         workers=args.workers, chunk_mb=args.chunk_mb, num_tasks=args.num_tasks, task_id=args.task_id,
-                        hf_splits=_hf_splits(args), splits_from_input=args.splits_from_input)
+                        hf_splits=_hf_splits(args), splits_from_input=args.splits_from_input,
+                        eos_token=args.eos_token)
     elif args.command == "merge":
         from data_prep.pipeline import merge
 

@@ -82,10 +82,11 @@ def _token_content(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def special_token_ids(directory: str | Path, tokenizer: Tokenizer) -> dict:
-    """{"eos_id", "bos_id", "pad_id"} from tokenizer_config.json / special_tokens_map.json. eos is required (it
-    separates documents in the shards): the config's eos_token, else `<|endoftext|>` when the vocabulary has it,
-    else the config's sep_token (an encoder such as BERT ends every sequence with [SEP] and has no eos)."""
+def special_token_ids(directory: str | Path, tokenizer: Tokenizer, eos_token: str | None = None) -> dict:
+    """{"eos_id", "bos_id", "pad_id"} from tokenizer_config.json / special_tokens_map.json. eos separates documents
+    in the shards: `eos_token` when given (`tokenize --eos-token`), else the config's eos_token, else
+    `<|endoftext|>` when the vocabulary has it, else the config's sep_token (an encoder such as BERT ends every
+    sequence with [SEP] and has no eos); None when there is none (`tokenize` refuses that, see `require_eos`)."""
     directory = Path(directory)
     names: dict[str, str | None] = {}
     for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
@@ -98,6 +99,11 @@ def special_token_ids(directory: str | Path, tokenizer: Tokenizer) -> dict:
             for key in ("eos_token", "bos_token", "pad_token", "sep_token"):
                 if _token_content(config.get(key)) is not None:
                     names[key] = _token_content(config[key])
+    if eos_token is not None:
+        if tokenizer.token_to_id(eos_token) is None:
+            raise DataError(f"--eos-token {eos_token!r} is not in the vocabulary of {directory}; name one of its "
+                            "special tokens")
+        names["eos_token"] = eos_token
     if "eos_token" not in names and tokenizer.token_to_id("<|endoftext|>") is not None:
         names["eos_token"] = "<|endoftext|>"
     names.setdefault("eos_token", names.get("sep_token"))
@@ -109,10 +115,16 @@ def special_token_ids(directory: str | Path, tokenizer: Tokenizer) -> dict:
             raise DataError(f"{directory}: {key} {name!r} is not in the tokenizer's vocabulary; fix "
                             "tokenizer_config.json")
         ids[key.replace("_token", "_id")] = token_id
-    if ids["eos_id"] is None:
-        raise DataError(f"{directory}: the tokenizer has no eos_token or sep_token (one is needed between "
-                        "documents); set eos_token in tokenizer_config.json to one of its special tokens")
     return ids
+
+
+def require_eos(directory: str | Path, special_ids: dict) -> int:
+    """The eos id of `special_token_ids`; a DataError saying how to name one when the tokenizer has none."""
+    if special_ids["eos_id"] is None:
+        raise DataError(f"{directory}: the tokenizer has no eos_token or sep_token (one is needed between "
+                        "documents); name one of its special tokens with --eos-token, or set eos_token in its "
+                        "tokenizer_config.json")
+    return special_ids["eos_id"]
 
 
 class TokenizerBackend:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from data_prep import hf_datasets
 from data_prep.assemble import assemble, check_output_dir
-from data_prep.backend import TokenizerBackend, load_tokenizer, special_token_ids
+from data_prep.backend import TokenizerBackend, load_tokenizer, require_eos, special_token_ids
 from data_prep.encode import read_framing, with_type_ids
 from data_prep.errors import DataError
 from data_prep.manifest import MANIFEST_NAME, load_manifest, tokenizer_fingerprint
@@ -59,10 +59,12 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
                     batch_size: int = 1024, backend: str | None = None, *, spec: RecordSpec | None = None,
                     val_count: int = 0, test_fraction: float = 0.0, test_count: int = 0, workers: int = 1,
                     chunk_mb: float | None = None, num_tasks: int = 1, task_id: int = 0,
-                    hf_splits: list[str] | None = None, splits_from_input: bool = False) -> dict | None:
+                    hf_splits: list[str] | None = None, splits_from_input: bool = False,
+                    eos_token: str | None = None) -> dict | None:
     """Tokenize `inputs` into shards under `output`; returns the manifest (None for a task of a multi-task run,
     whose parts `merge` assembles). `hf_splits` / `splits_from_input`: which splits of hf: inputs are read, and
-    whether their train / validation / test become ours (see `data_prep.hf_datasets`)."""
+    whether their train / validation / test become ours (see `data_prep.hf_datasets`). `eos_token`: the token that
+    separates documents, for a tokenizer that names none (see `backend.special_token_ids`)."""
     if shard_tokens < 1 or batch_size < 1:
         raise DataError("--shard-tokens and --batch-size must be >= 1")
     if workers < 1:
@@ -82,7 +84,7 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
         # checks the columns; a ClassLabel column gives the label names
         files, file_splits, spec = hf_datasets.prepare(files, spec, splits.from_input)
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    key = run_key(files, fingerprint, spec, splits, shard_tokens)
+    key = run_key(files, fingerprint, spec, splits, shard_tokens, eos_token)
     check_output_dir(output)
     finished = finished_manifest(output, key, files)
     if finished is not None:
@@ -99,7 +101,8 @@ def tokenize_corpus(inputs: list[str], tokenizer_dir: str | Path, output: str | 
     units, unit_splits = _plan(files, file_splits, chunk_bytes, spec.txt_mode)
 
     hf = load_tokenizer(tokenizer_dir)
-    special_ids = special_token_ids(tokenizer_dir, hf)
+    special_ids = special_token_ids(tokenizer_dir, hf, eos_token)
+    require_eos(tokenizer_dir, special_ids)
     vocab_size = hf.get_vocab_size(with_added_tokens=True)
     extractor = Extractor(spec, tokenizer_dir, template_specials(hf, special_ids))
     sample = _take_sample(extractor, units)

@@ -37,11 +37,14 @@ def input_stats(files: list[str]) -> list[list]:
     return out
 
 
-def run_key(files: list[str], fingerprint: str, spec: RecordSpec, splits: SplitSpec, shard_tokens: int) -> str:
-    """sha256 of everything the output depends on: input paths, sizes and modification times, tokenizer, record
-    spec, splits, sharding."""
+def run_key(files: list[str], fingerprint: str, spec: RecordSpec, splits: SplitSpec, shard_tokens: int,
+            eos_token: str | None = None) -> str:
+    """sha256 of everything the output depends on: input paths, sizes and modification times, tokenizer (and the
+    eos named for it), record spec, splits, sharding."""
     desc = {"inputs": input_stats(files), "tokenizer": fingerprint, "record": spec.as_dict(),
             "splits": splits.as_dict(), "shard_tokens": shard_tokens, "format": PART_VERSION}
+    if eos_token is not None:  # absent otherwise: keys of runs without --eos-token stay what they were
+        desc["eos_token"] = eos_token
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 

@@ -57,7 +57,8 @@ class UnitEncoder:
         self.job = job
         # A worker process loads the tokenizer; a run in this process reuses the parent's checked encoder.
         self.encoder = encoder or TokenizerBackend(job.tokenizer_dir, backend=job.backend, checked=True)
-        specials = template_specials(self.encoder.tokenizer, self.encoder.special_ids)
+        # The chat template's {{ eos_token }} is the run's eos (--eos-token may name one the tokenizer does not).
+        specials = template_specials(self.encoder.tokenizer, {**self.encoder.special_ids, "eos_id": job.eos_id})
         self.extractor = Extractor(job.spec, job.tokenizer_dir, specials)
         self.framing = read_framing(self.encoder.tokenizer, job.eos_id)
         # "mask": sft's loss mask, or the token type ids of a BERT-style pair (one uint8 per token either way)

@@ -47,7 +47,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from data_prep.backend import TokenizerBackend  # noqa: E402
+from data_prep.backend import TokenizerBackend, require_eos  # noqa: E402
 from data_prep.encode import encode_input, read_framing  # noqa: E402
 from data_prep.errors import DataError  # noqa: E402
 from data_prep.files import atomic_file  # noqa: E402
@@ -82,7 +82,8 @@ class Predictor:
         self.backend = TokenizerBackend(directory, backend="tokenizers")
         special = self.backend.special_ids
         config = self.model.config
-        self.eos = self.info.get("eos_id", special["eos_id"])
+        # An export records the eos its shards were made with (maybe named by `tokenize --eos-token`).
+        self.eos = self.info["eos_id"] if "eos_id" in self.info else require_eos(directory, special)
         self.framing = read_framing(self.backend.tokenizer, self.eos)
         pad = self.info.get("pad_id")
         if pad is None:

@@ -1,4 +1,4 @@
-"""What a run tells its user: the start banner, one line (or progress-bar update) per log interval with loss,
+"""What a run tells its user: one line (or progress-bar update) per log interval with loss,
 learning rate, tokens/s and MFU, memory peaks, summary.json and its table, and TensorBoard HParams.
 
 Losses stay on the device between log points: an interval adds them up there and reads them back with one

@@ -1,5 +1,7 @@
 """Checkpoints under real 2-rank (and 1-rank) DeepSpeed runs: kill -9 on every ZeRO stage, kill during a save,
-corrupt checkpoints, changed configs, and resume at another world size."""
+truncated or changed checkpoint files (checkpoint.json's sizes and checksums), a planted `latest` pointer and a
+symlinked step directory holding a live pickle payload, changed configs, resume at another world size, and
+non-finite steps (skipped, rolled back, or stopping the run)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import ROOT, read_metrics, reference_overrides, run_training
+from tests.conftest import ROOT, Payload, read_metrics, reference_overrides, run_training
+from train import checkpoint as ckpt
 
 STEPS = 12
 RECIPE = ROOT / "configs/quickstart.yaml"
+OPTIM = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,60 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_good_one(references, t
     changed = next(line for line in proc.stdout.splitlines() if line.startswith("resumed with changed settings: "))
     assert "train.max_steps: 12 -> 16" in changed.split("; ")
     assert (run_dir / "checkpoints/latest").read_text() == "step_16"
+
+
+def test_checkpoint_json_records_sizes_and_checksums(references):
+    reference = references(2)
+    manifest = json.loads((reference / "checkpoints/step_12/checkpoint.json").read_text())
+    assert manifest["files"].keys() == manifest["xxh3_128"].keys() and OPTIM in manifest["files"]
+    path = reference / "checkpoints/step_12" / OPTIM
+    assert manifest["xxh3_128"][OPTIM] == ckpt.file_checksum(path)
+
+
+def test_changed_bytes_in_an_optimizer_file_resume_from_the_previous_checkpoint(references, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(references(2), run_dir)
+    optim = run_dir / "checkpoints/step_12" / OPTIM
+    size = optim.stat().st_size
+    with open(optim, "r+b") as f:
+        f.seek(size // 2)
+        original = f.read(400)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in original))
+    assert optim.stat().st_size == size
+    proc = run_training(RECIPE, reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS + 4))
+    assert (f"warning: skipping checkpoint {run_dir / 'checkpoints/step_12'}: {OPTIM}: content differs from its "
+            "checksum in checkpoint.json") in proc.stderr
+    assert f"resumed from {run_dir / 'checkpoints/step_8'}" in proc.stdout
+    assert (run_dir / "checkpoints/latest").read_text() == "step_16"
+
+
+def test_a_planted_latest_and_a_symlinked_step_dir_are_never_unpickled(references, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(references(2), run_dir)
+    marker = tmp_path / "PAYLOAD_RAN"
+    # A copy of step_12 outside the run, its optimizer partition replaced by a payload, and a checkpoint.json
+    # recording the payload's true size and checksum: only the confinement rules stop it.
+    evil = tmp_path / "evil/step_12"
+    shutil.copytree(run_dir / "checkpoints/step_12", evil)
+    torch.save(Payload(marker), evil / OPTIM)
+    ckpt.write_manifest(evil, json.loads((evil / "checkpoint.json").read_text()))
+    assert ckpt.verify(evil) is None
+    checkpoints = run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step_12")
+    (checkpoints / "step_12").symlink_to(evil, target_is_directory=True)
+    (checkpoints / "latest").write_text("../../evil/step_12")
+
+    proc = run_training(RECIPE, reference_overrides(tiny_data, tmp_path, "run", stage=2, steps=STEPS + 4))
+    assert (f"warning: ignoring {checkpoints / 'latest'} holds '../../evil/step_12', not a checkpoint name "
+            "(step_<N>); resuming from the newest checkpoint on disk that checks out") in proc.stderr
+    assert (f"warning: skipping checkpoint {checkpoints / 'step_12'}: it is a symbolic link (checkpoints are read "
+            "only from inside the run directory)") in proc.stderr
+    assert f"resumed from {checkpoints / 'step_8'}" in proc.stdout
+    assert not marker.exists()
+    # the re-saved step_12 replaced the link, never writing through it
+    assert (checkpoints / "step_12").is_dir() and not (checkpoints / "step_12").is_symlink()
+    assert ckpt.verify(evil) is None and (checkpoints / "latest").read_text() == "step_16"
 
 
 def test_changed_architecture_or_seed_is_one_clear_error(references, tiny_data, tmp_path):

@@ -1,11 +1,12 @@
-"""train.export and train.predict on real 2-rank runs (four short trainings, shared by module-scoped fixtures).
+"""train.export on real 2-rank runs (the four short trainings of tests/distributed/conftest.py).
 
 "The trained model" is checked without going through train.export: the validation loss the DeepSpeed engine logged
 at the last step (metrics.jsonl) must be reproduced by the exported model on the same batches, and the exported
 logits must equal those of a model loaded from DeepSpeed's own `zero_to_fp32.py` script (run as a subprocess) and,
 where the checkpoint holds full module weights, from `mp_rank_00_model_states.pt`. Runs are fp32 where exact
 equality is asserted (the engine's weights are then the fp32 masters); the ZeRO-0 run is bf16, to check that the
-export takes the fp32 master copies rather than the bf16 module.
+export takes the fp32 master copies rather than the bf16 module. --overwrite replaces only an earlier export.
+Predicting with these runs: tests/distributed/test_predict.py.
 """
 
 from __future__ import annotations
@@ -20,64 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import (ROOT, TINY_MODEL, read_metrics, run_training, write_classification_corpus,
-                            write_sft_corpus)
+from tests.conftest import ROOT, read_metrics
+from train import export as export_lib
 from train.export import export_model, load_run
-
-BASE = ("data:\n  seq_len: 64\n  test_split: ''\noptim:\n  lr: 3.0e-3\n  warmup_steps: 2\ntrain:\n"
-        "  micro_batch_size: 4\n  log_every: 1\n  eval_every: 0\n  eval_batches: 2\n  save_every: 0\n"
-        "  precision: fp32\n")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_runs")
-    (root / "base.yaml").write_text(BASE)
-    return root
-
-
-def train(runs, name: str, overrides: list[str]):
-    run_dir = runs / name
-    if not (run_dir / "summary.json").is_file():
-        run_training(runs / "base.yaml", [*overrides, f"run.output_dir={runs}", f"run.name={name}"])
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def zero2_run(runs, tiny_data):
-    """Causal LM from scratch, ZeRO-2, fp32; checkpoints at steps 3 and 6."""
-    return train(runs, "zero2", [*TINY_MODEL, f"data.path={tiny_data['shards']}", "train.max_steps=6",
-                                 "checkpoint.every=3", "train.deepspeed_config=ds_configs/zero2.json"])
-
-
-@pytest.fixture(scope="module")
-def zero3_run(runs, finetune_data, pretrained_models):
-    """sft on the pretrained llama with frozen embeddings, ZeRO-3, fp32 (frozen parameters are partitioned too)."""
-    return train(runs, "zero3", ["task.kind=sft", "model.init=pretrained", f"model.path={pretrained_models['llama']}",
-                                 f"data.path={finetune_data['sft']}", "finetune.method=freeze",
-                                 "finetune.freeze_embeddings=true", "train.max_steps=4", "eval.batches=0",
-                                 "train.deepspeed_config=ds_configs/zero3.json"])
-
-
-@pytest.fixture(scope="module")
-def lora_run(runs, finetune_data, pretrained_models):
-    """LoRA classification on the pretrained gpt2, ZeRO-1 (which stores no frozen parameters in its partitions),
-    fp32, best checkpoint tracked."""
-    return train(runs, "lora", ["task.kind=classification", "model.init=pretrained",
-                                f"model.path={pretrained_models['gpt2']}", f"data.path={finetune_data['cls']}",
-                                "finetune.method=lora", "train.max_steps=6", "eval.every=2",
-                                "eval.batches=0", "eval.best_metric=val/loss",
-                                "train.deepspeed_config=ds_configs/zero1.json"])
-
-
-@pytest.fixture(scope="module")
-def zero0_bf16_run(runs, tiny_data, pretrained_models):
-    """Continued pretraining of the pretrained gpt2 with its first block frozen, ZeRO-0, bf16."""
-    return train(runs, "zero0", ["model.init=pretrained", f"model.path={pretrained_models['gpt2']}",
-                                 f"data.path={tiny_data['shards']}", "finetune.method=freeze",
-                                 "finetune.freeze_bottom_layers=1", "train.max_steps=3", "train.precision=bf16",
-                                 "train.deepspeed_config=ds_configs/zero0.json"])
-
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -290,63 +236,19 @@ def test_lora_merged_export_equals_the_adapter_and_changes_only_adapted_weights(
     assert json.loads((exported_best / "export.json").read_text())["checkpoint"] == best
 
 
-# ------------------------------------------------------------------------------------------------ (c) predict
+# ------------------------------------------------------------------------------------------------ (c) --overwrite
 
 
-def test_predict_on_an_export_and_on_the_run_dir_agree(lora_run, tmp_path):
-    from train.predict import predict_file
-
-    write_classification_corpus(tmp_path / "cls.jsonl", docs=40, seed=7)  # new samples of the training task
-    records = [json.loads(line) for line in (tmp_path / "cls.jsonl").read_text().splitlines()]
-    path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in records))
-    exported = export_model(lora_run, tmp_path / "model", log=lambda *_: None)
-    predict_file(exported, path, tmp_path / "from_export.jsonl", batch_size=16, log=lambda *_: None)
-    proc = subprocess.run([sys.executable, "-m", "train.predict", str(lora_run), "--input", str(path), "--output",
-                           str(tmp_path / "from_run.jsonl"), "--batch-size", "16"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "classified 40 record(s)" in proc.stdout and "input's label field on" in proc.stdout
-    a = [json.loads(line) for line in (tmp_path / "from_export.jsonl").read_text().splitlines()]
-    b = [json.loads(line) for line in (tmp_path / "from_run.jsonl").read_text().splitlines()]
-    assert a == b and len(a) == 40
-    for out, record in zip(a, records):
-        assert out["text"] == record["text"] and out["input_label"] == record["label"]
-        assert out["label"] in ("neg", "pos") and set(out["probabilities"]) == {"neg", "pos"}
-        assert abs(sum(out["probabilities"].values()) - 1) < 1e-6
-        assert out["label"] == max(out["probabilities"], key=out["probabilities"].get)
-
-
-def test_predict_generates_for_sft_and_causal_runs(zero3_run, zero2_run, tmp_path):
-    from train.predict import Predictor, predict_file
-
-    write_sft_corpus(tmp_path / "sft_records.jsonl", docs=5, seed=7)
-    sft = [json.loads(line) for line in (tmp_path / "sft_records.jsonl").read_text().splitlines()]
-    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in sft))
-    predict_file(zero3_run, tmp_path / "sft.jsonl", tmp_path / "sft_out.jsonl", batch_size=2, max_new_tokens=8,
-                 log=lambda *_: None)
-    out = [json.loads(line) for line in (tmp_path / "sft_out.jsonl").read_text().splitlines()]
-    assert [o["prompt"] for o in out] == [r["prompt"] for r in sft]
-    # Batched, left-padded generation equals greedy decoding one prompt at a time with the exported model (after
-    # 4 steps the sft model often answers EOS at once: an empty string).
-    predictor = Predictor(export_model(zero3_run, tmp_path / "zero3", log=lambda *_: None))
-    assert [o["generated"] for o in out] == [greedy(predictor, {"prompt": r["prompt"]}, 8) for r in sft]
-    (tmp_path / "text.jsonl").write_text('{"text": "The model reads"}\n{"text": "A small red cat jumps and"}\n')
-    counts = predict_file(zero2_run, tmp_path / "text.jsonl", tmp_path / "text_out.jsonl", max_new_tokens=5,
-                          log=lambda *_: None)
-    out = [json.loads(line) for line in (tmp_path / "text_out.jsonl").read_text().splitlines()]
-    assert counts["records"] == 2 and all(o["generated"] for o in out)
-    predictor = Predictor(export_model(zero2_run, tmp_path / "zero2", log=lambda *_: None))
-    assert [o["generated"] for o in out] == [greedy(predictor, {"text": o["text"]}, 5) for o in out]
-
-
-def greedy(predictor, record: dict, max_new_tokens: int) -> str:
-    ids = predictor.encode(record)
-    new = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = int(predictor.model(torch.tensor([ids + new])).logits[0, -1].argmax())
-            if token == predictor.eos:
-                break
-            new.append(token)
-    return predictor.backend.tokenizer.decode(new, skip_special_tokens=True)
+def test_export_overwrite_replaces_an_earlier_export_only(zero2_run, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert export_lib.main([str(zero2_run), "--output", str(out), "--step", "3"]) == 0
+    info = json.loads((out / "export.json").read_text())
+    assert info["checkpoint"] == "step_3" and "model.safetensors" in info["xxh3_128"]
+    assert export_lib.main([str(zero2_run), "--output", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "export.json").read_text())["checkpoint"] == "step_6"
+    capsys.readouterr()
+    assert export_lib.main([str(zero2_run), "--output", str(zero2_run / "checkpoints"), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --output {zero2_run / 'checkpoints'} is not an earlier export "
+                                               "(no export.json written by train.export); --overwrite replaces only "
+                                               "those. Choose a new directory")
+    assert (zero2_run / "checkpoints/step_6").is_dir()

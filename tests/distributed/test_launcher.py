@@ -1,5 +1,6 @@
-"""`python -m launcher` for real: two "nodes" on one box without SSH, preemption through the launcher, and a
-killed rank stopping the whole run with its name in the log."""
+"""`python -m launcher` for real: two "nodes" on one box without SSH, preemption through the launcher, a killed rank
+stopping the whole run with its name in the log, and each rank training with the share of the cores the launcher
+documents (docs/launcher.md: cores available / ranks per node, reported in the summary's peak-FLOPs source)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,16 @@ def test_a_rank_killed_on_one_node_stops_both_nodes_within_60s(tiny_data, tmp_pa
     assert "node 1) died from SIGKILL" in err1
     # The surviving node's rank fails at its next collective (the peer's connection is gone) and is named.
     assert code0 not in (0, 75) and "launcher: rank 0 (local rank 0 on" in err0, (code0, err0[-2000:])
+
+
+def test_launcher_gives_a_rank_the_cores_it_documents(tiny_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cmd = [sys.executable, "-m", "launcher", "--config", str(ROOT / "configs/quickstart.yaml"), "--nproc", "1",
+           *TINY_MODEL, "train.max_steps=2", "eval.every=0", "checkpoint.every=0", 'data.val_split=""',
+           f"data.path={tiny_data['shards']}", f"run.output_dir={tmp_path}", "run.name=threads"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    assert f"OMP_NUM_THREADS={cores} " in proc.stdout.splitlines()[0]
+    summary = json.loads((tmp_path / "threads" / "summary.json").read_text())
+    assert summary["peak_flops_source"].endswith(f", {cores} threads")

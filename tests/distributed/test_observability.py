@@ -15,7 +15,7 @@ from tests.conftest import ROOT, read_metrics, reference_overrides, run_training
 
 STEPS = 6
 TOKENS_PER_STEP = 4 * 2 * 2 * 64  # micro x accum x ranks x seq_len
-FLOPS_PER_TOKEN = 6 * (2 * (12 * 64 * 64 + 13 * 64) + 2 * 64 + 512 * 64) + 12 * 2 * 64 * 64  # tests/unit
+FLOPS_PER_TOKEN = 6 * (2 * (12 * 64 * 64 + 13 * 64) + 2 * 64 + 512 * 64) + 12 * 2 * 64 * 64  # tests/unit/test_flops.py
 RECIPE = ROOT / "configs/quickstart.yaml"
 
 

@@ -21,7 +21,6 @@ import pytest
 
 from data_prep.shards import ShardSet
 from tests.conftest import ROOT, run_training
-from tests.real_files import real_model_dir  # noqa: F401 (fixture)
 
 # A long document (BERT's tokenizer.json truncates at 128), accents, an emoji (byte fallback), newlines, code.
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 30,

@@ -1,4 +1,6 @@
-"""data_prep splits by count / test split, blend spec parsing + validation, and the deterministic blend sampler."""
+"""data_prep.blend: blend specs (text and JSON) parsed and validated (every part a finished shard directory made with
+the same tokenizer), the deterministic index-addressed sampler and its proportions, and `python -m data_prep blend`
+(its main, in this process) reporting the realised shares. Training on a blend: tests/unit/test_data.py."""
 
 from __future__ import annotations
 
@@ -8,53 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
+from data_prep.__main__ import main
 from data_prep.blend import BlendSampler, load_blend, parse_blend
 from data_prep.errors import DataError
 from data_prep.pipeline import tokenize_corpus
-from data_prep.splits import SplitSpec, splitmix64
-from tests.unit.test_data_prep import run_cli, tiny  # noqa: F401 (fixture)
-
-
-def test_split_fraction_rule_is_the_documented_one_and_counts_are_exact():
-    # By fraction: document n goes to val iff the top 53 bits of splitmix64(n) / 2**53 < val_fraction; document 0
-    # always does.
-    spec = SplitSpec(val_fraction=0.05)
-    ordinals = np.arange(100_000, dtype=np.uint64)
-    uniform = (splitmix64(ordinals) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    assert np.array_equal(spec.assign(0, 100_000, spec.thresholds(100_000)) == 1, (uniform < 0.05) | (ordinals == 0))
-    spec = SplitSpec(val_count=137, test_fraction=0.02)
-    a = spec.assign(0, 50_000, spec.thresholds(50_000))
-    assert np.count_nonzero(a == 1) == 137 and abs(np.count_nonzero(a == 2) / 50_000 - 0.02) < 0.003
-    spec = SplitSpec(val_fraction=0.01, test_count=1_000)
-    n = 3 * (1 << 20) + 5  # spans several selection chunks
-    t = spec.thresholds(n)
-    counts = np.bincount(np.concatenate([spec.assign(s, min(1 << 20, n - s), t) for s in range(0, n, 1 << 20)]))
-    assert counts[2] == 1_000
-    # assignment depends on the ordinal only: a slice assigned alone equals the slice of the whole
-    assert np.array_equal(spec.assign(12_345, 100, t), spec.assign(0, 20_000, t)[12_345:12_445])
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(val_fraction=0.1, val_count=3), "give --val-fraction or --val-count, not both"),
-    (dict(test_fraction=1.0), "--test-fraction 1.0 must be in [0, 1)"),
-    (dict(val_fraction=0.6, test_fraction=0.5), "--val-fraction + --test-fraction = 1.1 must be < 1"),
-    (dict(val_count=-1), "--val-count -1 must be >= 0"),
-])
-def test_split_spec_errors(kwargs, message):
-    with pytest.raises(DataError) as info:
-        SplitSpec(**kwargs)
-    assert str(info.value) == message
-
-
-def test_counts_larger_than_corpus_and_empty_test_split(tiny, tmp_path):
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
-    with pytest.raises(DataError) as info:
-        tokenize_corpus([str(tmp_path / "c.jsonl")], tiny["tokenizer"], tmp_path / "o1", val_count=6, test_count=4)
-    assert str(info.value) == "--val-count 6 + --test-count 4 leave no training documents: the inputs hold 10"
-    with pytest.raises(DataError) as info:
-        tokenize_corpus([str(tmp_path / "c.jsonl")], tiny["tokenizer"], tmp_path / "o2", test_fraction=0.001)
-    assert str(info.value) == ("--test-fraction 0.001 left the test split empty (10 documents); raise it or use "
-                               "--test-count")
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +83,11 @@ def test_blend_sampler_proportions_determinism_and_ranges(parts):
     assert docs.items.tolist() == [40, 400]
 
 
-def test_cli_blend_reports_realised_proportions(parts):
+def test_cli_blend_reports_realised_proportions(parts, capsys):
     spec = parts["root"] / "cli.txt"
     spec.write_text("small: 1\nlarge: 1\n")
-    proc = run_cli("blend", str(spec), "--seq-len", "32", "--samples", "100000")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    assert main(["blend", str(spec), "--seq-len", "32", "--samples", "100000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"blend {spec}: 2 parts, split train, tokenizer ")
     shares = [float(line.split("realised ")[1].split(",")[0]) for line in lines[1:]]
     assert abs(shares[0] - 0.5) < 0.01 and abs(sum(shares) - 1) < 1e-3

@@ -1,17 +1,14 @@
-"""data_prep reads Hugging Face `datasets` data: save_to_disk directories (Dataset, DatasetDict), the local datasets
-cache, their splits and ClassLabel features. Every dataset here is built with `datasets` itself, and every result is
-compared with the same records given as jsonl."""
+"""data_prep.hf_datasets: Hugging Face `datasets` data read straight from its arrow files: save_to_disk directories
+(Dataset, DatasetDict), their splits (train only, --hf-split, or --splits-from-input) and ClassLabel features, any
+units and workers, array tasks and resume. Every dataset here is built with `datasets` itself, and every result is
+compared with the same records given as jsonl. The datasets cache and one-line errors of the command:
+tests/cli/test_data_prep_hf_datasets.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -21,26 +18,10 @@ from data_prep.pipeline import merge, tokenize_corpus
 from data_prep.readers import expand_inputs, plan_units
 from data_prep.records import RecordSpec
 from data_prep.shards import ShardSet
-from tests.unit.test_data_prep import ROOT, docs_of, random_text, reference_ids, run_cli, tiny  # noqa: F401
-from tests.unit.test_data_prep_kinds import CHATML, masks_of
+from tests.conftest import (CHATML, docs_of, masks_of, random_text, random_texts, reference_ids, shard_hashes,
+                            write_jsonl)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def texts(n: int, seed: int = 3) -> list[str]:
-    rng = random.Random(seed)
-    return [random_text(rng) for _ in range(n)]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
-
-
-def shard_hashes(manifest: dict) -> dict:
-    """split -> the sha256 of each of its files (tokens, index, mask, labels): equal hashes = identical shards."""
-    keys = ("sha256", "index_sha256", "mask_sha256", "labels_sha256")
-    return {s: [[e.get(k) for k in keys] for e in m["shards"]] for s, m in manifest["splits"].items()}
 
 
 def labels_of(shards: ShardSet) -> list[int]:
@@ -61,11 +42,11 @@ def sentiment(tmp_path) -> dict:
     return {"dir": tmp_path / "sentiment", "records": records}
 
 
-# ---------------------------------------------------------------------------------------------- Dataset
+# ------------------------------------------------------------------------------------------------------------- Dataset
 
 
 def test_saved_dataset_gives_the_ids_of_the_same_records_as_jsonl_for_any_units_and_workers(tiny, tmp_path):
-    docs = texts(2500)  # datasets writes record batches of 1000 rows: 3 batches per file
+    docs = random_texts(2500)  # datasets writes record batches of 1000 rows: 3 batches per file
     Dataset.from_dict({"id": list(range(len(docs))), "text": docs}).save_to_disk(str(tmp_path / "ds"), num_shards=2)
     jsonl = write_jsonl(tmp_path / "same.jsonl", [{"id": i, "text": t} for i, t in enumerate(docs)])
     reference = tokenize_corpus([jsonl], tiny["tokenizer"], tmp_path / "ref", val_count=40)
@@ -83,7 +64,7 @@ def test_saved_dataset_gives_the_ids_of_the_same_records_as_jsonl_for_any_units_
 
 
 def test_worker_processes_give_identical_shards(tiny, tmp_path, monkeypatch):
-    docs = texts(2200, seed=4)
+    docs = random_texts(2200, seed=4)
     Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "ds"))
     one = tokenize_corpus([f"hf:{tmp_path / 'ds'}"], tiny["tokenizer"], tmp_path / "one")
     monkeypatch.setenv("DATA_PREP_MIN_MB_PER_PROCESS", "0")  # 2 spawned processes, not threads
@@ -92,7 +73,7 @@ def test_worker_processes_give_identical_shards(tiny, tmp_path, monkeypatch):
     assert shard_hashes(one) == shard_hashes(two) and one["counts"] == two["counts"]
 
 
-# ---------------------------------------------------------------------------------------------- DatasetDict
+# --------------------------------------------------------------------------------------------------------- DatasetDict
 
 
 def test_datasetdict_splits_from_input_and_classlabel_names(tiny, sentiment, tmp_path):
@@ -184,53 +165,7 @@ def test_sft_prompt_response_and_chat_messages_columns(tiny, tmp_path):
         assert len(masks_of(ShardSet(tmp_path / f"hf_{name}"))) == 17
 
 
-# ---------------------------------------------------------------------------------------------- the datasets cache
-
-
-def test_cache_entry_made_by_load_dataset_is_read_offline(tiny, tmp_path):
-    source = tmp_path / "reviews"  # a local dataset: one jsonl file per split
-    source.mkdir()
-    rng = random.Random(9)
-    records = {s: [{"text": random_text(rng), "label": rng.choice(["bad", "good"])} for _ in range(n)]
-               for s, n in (("train", 30), ("validation", 6), ("test", 5))}
-    for split, rows in records.items():
-        write_jsonl(source / f"{split}.jsonl", rows)
-    env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    env = {**{k: v for k, v in os.environ.items() if k != "HF_DATASETS_CACHE"}, **env}
-    subprocess.run([sys.executable, "-c", f"import datasets; datasets.load_dataset({str(source)!r})"], env=env,
-                   check=True, capture_output=True, timeout=120)
-    assert (tmp_path / "hf_home/datasets/reviews/default").is_dir()
-    out = tmp_path / "out"
-    proc = run_cli("tokenize", "--input", "hf:reviews", "--tokenizer", str(tiny["tokenizer"]), "--output", str(out),
-                   "--record-kind", "classification", "--splits-from-input", env=env)
-    assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["input_splits"] == {"train": ["hf:reviews:default['train']"],
-                                        "val": ["hf:reviews:default['validation']"],
-                                        "test": ["hf:reviews:default['test']"]}
-    assert manifest["classification"]["labels"] == ["bad", "good"]  # string labels: sorted, as for jsonl
-    for ours, theirs in (("train", "train"), ("val", "validation"), ("test", "test")):
-        same = tokenize_corpus([str(source / f"{theirs}.jsonl")], tiny["tokenizer"], tmp_path / f"ref_{theirs}",
-                               spec=RecordSpec(kind="classification", labels=("bad", "good")))
-        assert shard_hashes(same)["train"] == shard_hashes(manifest)[ours]
-    # The same cache through HF_DATASETS_CACHE; a dataset that is not there is one error saying how to get it.
-    env2 = {**env, "HF_HOME": str(tmp_path / "elsewhere"), "HF_DATASETS_CACHE": str(tmp_path / "hf_home/datasets")}
-    proc = run_cli("tokenize", "--input", "hf:reviews", "--tokenizer", str(tiny["tokenizer"]), "--output",
-                   str(tmp_path / "out2"), "--hf-split", "test", env=env2)
-    assert proc.returncode == 0, proc.stderr
-    assert docs_of(ShardSet(tmp_path / "out2")) == [ids + [0] for ids in reference_ids(
-        tiny["hf"], [r["text"] for r in records["test"]])]
-    proc = run_cli("tokenize", "--input", "hf:someone/imdb", "--tokenizer", str(tiny["tokenizer"]), "--output",
-                   str(tmp_path / "out3"), env=env)
-    assert proc.returncode == 2 and not (tmp_path / "out3").exists()
-    assert proc.stderr.splitlines() == [
-        f"error: hf:someone/imdb: not in the local datasets cache ({tmp_path / 'hf_home/datasets'}; set by "
-        "HF_DATASETS_CACHE or HF_HOME). data_prep reads offline: download it first with `python -c \"import "
-        "datasets; datasets.load_dataset('someone/imdb')\"` (with network access and the same cache), or save it "
-        "with save_to_disk and pass hf:DIR"]
-
-
-# ---------------------------------------------------------------------------------------------- bad input
+# ----------------------------------------------------------------------------------------------------------- bad input
 
 
 def test_classlabel_id_outside_the_names_is_a_bad_record(tiny, tmp_path):
@@ -249,50 +184,6 @@ def test_classlabel_id_outside_the_names_is_a_bad_record(tiny, tmp_path):
     assert labels_of(ShardSet(tmp_path / "skip")) == [0, 1, 0] and manifest["classification"]["labels"] == ["a", "b"]
 
 
-def bad_inputs(tmp_path: Path) -> dict:
-    (tmp_path / "plain").mkdir()
-    write_jsonl(tmp_path / "plain" / "x.jsonl", [{"text": "alpha"}])
-    DatasetDict({"train": Dataset.from_dict({"text": ["alpha"], "n": [1]}),
-                 "validation": Dataset.from_dict({"text": [], "n": []},
-                                                 features=Features({"text": Value("string"), "n": Value("int64")}))
-                 }).save_to_disk(str(tmp_path / "dd"))
-    return {"plain": tmp_path / "plain", "dd": tmp_path / "dd"}
-
-
-@pytest.mark.parametrize("case", ["not_saved", "a_file", "no_split", "wrong_type", "empty_split", "no_column",
-                                  "empty_chosen", "both_splits"])
-def test_bad_input_is_one_line_and_nothing_is_written(tiny, tmp_path, case):
-    paths = bad_inputs(tmp_path)
-    plain, dd = paths["plain"], paths["dd"]
-    args, error = {
-        "not_saved": ([f"hf:{plain}"], f"hf:{plain}: not a dataset saved with save_to_disk (it has no "
-                      f"dataset_dict.json or state.json); pass the directory save_to_disk wrote, data files directly "
-                      f"(--input {plain} reads its .jsonl/.parquet/.csv/.txt files), or hf:NAME for a dataset in the "
-                      "datasets cache"),
-        "no_split": ([f"hf:{dd}", "--hf-split", "test"], f"hf:{dd} has no split 'test' (splits: 'train', "
-                     "'validation'); pass --hf-split with one of them"),
-        "wrong_type": ([f"hf:{dd}", "--text-field", "n"], f"{dd}['train']: column 'n' holds int64, not text (a string "
-                       "column); pass --text-field with the column that holds the text (columns: 'text', 'n')"),
-        "empty_split": ([f"hf:{dd}", "--splits-from-input"], f"{dd}['validation'] is empty (0 rows); pass "
-                        "--hf-split with a split that holds rows"),
-        "no_column": ([f"hf:{dd}", "--record-kind", "classification"], f"{dd}['train']: no column 'label' (columns: "
-                      "'text', 'n'); pass --label-field with the column that holds it"),
-        "a_file": ([f"hf:{plain / 'x.jsonl'}"], f"hf:{plain / 'x.jsonl'}: {plain / 'x.jsonl'} is a file; hf: takes a "
-                   "directory written by save_to_disk or the name of a dataset in the datasets cache (pass data files "
-                   "without hf:)"),
-        "empty_chosen": ([f"hf:{dd}", "--hf-split", "validation"], f"{dd}['validation'] is empty (0 rows); pass "
-                     "--hf-split with a split that holds rows"),
-        "both_splits": ([f"hf:{dd}", "--splits-from-input", "--val-count", "1"], "--splits-from-input takes val and "
-                        "test from the dataset's own splits; drop --val-fraction, --val-count, --test-fraction and "
-                        "--test-count"),
-    }[case]
-    out = tmp_path / "out"
-    proc = run_cli("tokenize", "--input", *args, "--tokenizer", str(tiny["tokenizer"]), "--output", str(out))
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [f"error: {error}"]
-    assert not out.exists()
-
-
 def test_hf_split_without_hf_input_and_splits_from_input_without_hf_input(tiny, tmp_path):
     jsonl = write_jsonl(tmp_path / "x.jsonl", [{"text": "alpha"}, {"text": "beta"}])
     with pytest.raises(DataError, match="^--hf-split chooses splits of hf: inputs; none is given$"):
@@ -302,32 +193,3 @@ def test_hf_split_without_hf_input_and_splits_from_input_without_hf_input(tiny, 
     (tmp_path / "x.arrow").write_bytes(b"")  # an arrow file is read only as part of an hf: dataset
     with pytest.raises(DataError, match=r"x.arrow: unsupported input type; .* or hf:DIR / hf:NAME for a Hugging"):
         expand_inputs([str(tmp_path / "x.arrow")])
-
-
-def test_hf_input_imports_neither_torch_nor_datasets(tiny, tmp_path):
-    Dataset.from_dict({"text": texts(20)}).save_to_disk(str(tmp_path / "ds"))
-    code = (f"import sys; from data_prep.__main__ import main; main(['tokenize', '--input', 'hf:{tmp_path / 'ds'}', "
-            f"'--tokenizer', '{tiny['tokenizer']}', '--output', '{tmp_path / 'out'}', '--workers', '2']); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'deepspeed', "
-            "'datasets'}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
-
-
-# ---------------------------------------------------------------------------------------------- docs
-
-
-def test_docs_datasetdict_sentiment_example_runs_as_written(tmp_path):
-    """docs/data_prep.md's sentiment example from a DatasetDict, run in an empty directory exactly as written."""
-    text = (ROOT / "docs/data_prep.md").read_text()
-    block = re.search(r"<!-- hf-sentiment-example -->\s*```bash\n(.*?)```", text, re.S).group(1)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((tmp_path / "data/sentiment/shards/manifest.json").read_text())
-    assert manifest["record_kind"] == "classification"
-    assert manifest["classification"]["labels"] == ["neg", "pos"]
-    assert {s: m["num_docs"] for s, m in manifest["splits"].items()} == {"train": 2000, "val": 200, "test": 200}
-    assert manifest["prep"]["splits"]["from_input"] is True

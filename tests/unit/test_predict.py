@@ -1,6 +1,7 @@
-"""train.predict and train.export without training: records encode to exactly the ids data_prep put in the shards
-(and that the trainer feeds the model), batching does not change a prediction, and bad input / bad arguments stop
-with one `error: ...` line naming the file and line. Everything runs in this process (tiny random models)."""
+"""train.predict without training (tiny random models, everything in this process): records encode to exactly the
+ids data_prep put in the shards (and that the trainer feeds the model), batching does not change a prediction, an
+exported model's export.json checksums are checked, and bad input or bad arguments stop with one `error: ...` line
+naming the file and line. Predicting with trained runs: tests/distributed/test_predict.py."""
 
 from __future__ import annotations
 
@@ -10,68 +11,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from data_prep.manifest import tokenizer_fingerprint
 from data_prep.pipeline import tokenize_corpus
 from data_prep.records import RecordSpec
 from data_prep.shards import ShardSet
-from data_prep.train_tokenizer import train_tokenizer
-from tests.conftest import write_classification_corpus, write_corpus, write_sft_corpus
-from train import export as export_lib
+from tests.conftest import (docs_of, error_of, read_jsonl, write_classification_corpus, write_jsonl,
+                            write_sft_corpus)
+from train import checkpoint as ckpt
 from train import predict as predict_lib
-from train.config import from_dict
 from train.data import Documents
 
-
-def docs_of(shards: ShardSet) -> list[list[int]]:
-    out = []
-    for i in range(len(shards)):
-        tokens, offsets = shards.tokens(i), shards.doc_offsets(i)
-        out += [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-    return out
-
-
-def write_jsonl(path, records) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict_tok")
-    write_corpus(root / "corpus.jsonl", docs=300)
-    train_tokenizer([str(root / "corpus.jsonl")], root / "tokenizer", vocab_size=320)
-    return root
-
-
-def save_model(directory, tokenizer_dir, classify: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    labels = {"id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}} if classify else {}
-    config = AutoConfig.for_model("gpt2", vocab_size=320, n_layer=1, n_embd=32, n_head=2, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=1, **labels)
-    model = (AutoModelForSequenceClassification if classify else AutoModelForCausalLM).from_config(config)
-    model.save_pretrained(directory)
-    shutil.copytree(tokenizer_dir, directory, dirs_exist_ok=True)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def cls_model(tok):
-    return save_model(tok / "cls_model", tok / "tokenizer", classify=True)
-
-
-@pytest.fixture(scope="module")
-def lm_model(tok):
-    return save_model(tok / "lm_model", tok / "tokenizer", classify=False)
-
-
-# ------------------------------------------------------------------------------------------------ encoding
+# ------------------------------------------------------------------------------------------------------------ encoding
 
 
 def test_classification_records_encode_to_the_ids_the_shards_hold(tok, cls_model, tmp_path):
@@ -121,12 +71,13 @@ def test_sft_prompts_encode_to_the_untrained_prefix_of_the_shards(tok, lm_model,
     mask, offsets = shards.loss_mask(0), shards.doc_offsets(0)
     predictor = predict_lib.Predictor(lm_model)
     assert not predictor.classify and predictor.spec.prompt_field == "prompt"
+    assert len(docs_of(shards)) == len(records) == 30  # the loop below sees every record
     for record, doc, (a, b) in zip(records, docs_of(shards), zip(offsets[:-1], offsets[1:])):
         prompt_len = int(np.argmax(mask[a:b]))  # the prompt is the untrained prefix; eos is never in it
         assert predictor.encode(record) == doc[:prompt_len]
 
 
-# ------------------------------------------------------------------------------------------------ predicting
+# ---------------------------------------------------------------------------------------------------------- predicting
 
 
 def test_classification_output_is_independent_of_the_batch(cls_model, tmp_path, capsys):
@@ -142,7 +93,8 @@ def test_classification_output_is_independent_of_the_batch(cls_model, tmp_path, 
     agree = sum(o["label"] == "pos" for o in outs[0][:2])
     assert "classified 11 record(s)" in capsys.readouterr().out
     assert [o.get("input_label") for o in outs[0]] == ["pos", "pos"] + [None] * 9
-    predict_lib.main([str(cls_model), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl")])
+    assert predict_lib.main([str(cls_model), "--input", str(tmp_path / "in.jsonl"), "--output",
+                             str(tmp_path / "o.jsonl")]) == 0
     assert f"input's label field on {agree} of 2" in capsys.readouterr().out
     for one, four, record in zip(*outs, records):
         assert one["id"] == record["id"] and one["text"] == record["text"]
@@ -176,10 +128,7 @@ def test_generation_is_greedy_left_padded_and_independent_of_the_batch(lm_model,
     assert outs[0][0]["generated"] == expected
 
 
-def error_of(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+# -------------------------------------------------------------------------------------------------------------- errors
 
 
 def test_bad_json_names_the_file_and_line_and_writes_nothing(cls_model, tmp_path, capsys):
@@ -216,53 +165,37 @@ def test_predict_refuses_step_for_an_exported_model_and_a_missing_input(cls_mode
     assert "no such file" in error_of(capsys)
 
 
-# ------------------------------------------------------------------------------------------------ export errors
+def test_predict_checks_the_export_json_checksums(cls_model, tmp_path, capsys):
+    model = tmp_path / "exported"
+    shutil.copytree(cls_model, model)
+    checksums = {p.name: ckpt.file_checksum(p) for p in sorted(model.iterdir()) if p.is_file()}
+    (model / "export.json").write_text(json.dumps({"format": "full", "task": "classification",
+                                                   ckpt.CHECKSUM: checksums}))
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"text": "a cat"}])
+    assert predict_lib.main([str(model), "--input", str(path), "--output", str(tmp_path / "o.jsonl")]) == 0
+    capsys.readouterr()
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert predict_lib.main([str(model), "--input", str(path), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert error_of(capsys) == (f"error: {weights}: content differs from its checksum in export.json (changed or "
+                                "damaged since the export); export the run again")
 
 
-@pytest.fixture
-def fake_run(tok, tmp_path):
-    """A run directory as the trainer leaves it, with one (empty but complete) checkpoint step_3."""
-    run = tmp_path / "run"
-    (run / "checkpoints" / "step_3").mkdir(parents=True)
-    cfg = from_dict({"run": {"name": "run", "output_dir": str(tmp_path)}, "data": {"path": str(tmp_path / "shards")}})
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    tokenizer = tok / "tokenizer"
-    (run / "data_manifest.json").write_text(json.dumps({"record_kind": "text", "tokenizer": {
-        "path": str(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": 320, "eos_id": 0,
-        "bos_id": 0, "pad_id": 1}}))
-    (run / "checkpoints" / "step_3" / "checkpoint.json").write_text(json.dumps({"step": 3, "files": {}}))
-    return run
-
-
-@pytest.mark.parametrize("args, expected", [
-    (["--step", "seven"], "--step: expected a step number, 'best' or 'latest', got 'seven'"),
-    (["--step", "7"], "no checkpoint step_7 (steps on disk: 3)"),
-    (["--step", "best"], "no best checkpoint"),
-])
-def test_export_rejects_an_unknown_step(fake_run, tmp_path, capsys, args, expected):
-    out = tmp_path / "export"
-    assert export_lib.main([str(fake_run), "--output", str(out), *args]) == 2
-    assert expected in error_of(capsys)
-    assert not out.exists() and not list(tmp_path.glob(".export*"))
-
-
-def test_export_errors_for_a_missing_run_checkpoint_or_tokenizer(fake_run, tmp_path, capsys):
-    out = str(tmp_path / "export")
-    assert export_lib.main([str(tmp_path / "nope"), "--output", out]) == 2
-    assert "no such run directory" in error_of(capsys)
-    assert export_lib.main([str(fake_run), "--output", out]) == 2  # no `latest` pointer yet
-    assert "no complete checkpoint" in error_of(capsys)
-    (fake_run / "checkpoints" / "best").write_text("step_9")
-    assert export_lib.main([str(fake_run), "--output", out, "--step", "best"]) == 2
-    assert "no checkpoint step_9" in error_of(capsys)
-    assert export_lib.main([str(fake_run), "--output", out, "--no-merge"]) == 2
-    assert "--no-merge keeps a LoRA adapter" in error_of(capsys)
-    manifest = json.loads((fake_run / "data_manifest.json").read_text())
-    manifest["tokenizer"]["path"] = str(tmp_path / "gone")
-    (fake_run / "data_manifest.json").write_text(json.dumps(manifest))
-    assert export_lib.main([str(fake_run), "--output", out]) == 2
-    assert "is gone" in error_of(capsys)
-    assert not (tmp_path / "export").exists()
+def test_an_empty_prompt_is_one_line_naming_the_input_line(lm_model, cls_model, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"text": "a cat"}, {"text": ""}])
+    out = tmp_path / "o.jsonl"
+    assert predict_lib.main([str(lm_model), "--input", str(path), "--output", str(out), "--prompt-field",
+                             "text", "--max-new-tokens", "8"]) == 2
+    assert error_of(capsys) == (f"error: {path}:2: the prompt (text) is empty: it encodes to no tokens, so there is "
+                                "nothing to continue")
+    assert not out.exists()
+    # classification of an empty text is defined (it encodes to [eos], as data_prep encodes it)
+    assert predict_lib.main([str(cls_model), "--input", str(path), "--output", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2
 
 
 def test_a_model_directory_holding_only_pickled_weights_is_refused(cls_model, tmp_path, capsys):

@@ -1,11 +1,12 @@
-"""`launcher.memory` / `launcher.plan` without running anything: parameter counts from the fake-tensor build,
-the ZeRO state table against DeepSpeed's own estimator, the activation trace, the micro-batch search."""
+"""launcher.memory without running anything: parameter counts from the fake-tensor build, the ZeRO model-state table
+against DeepSpeed's own estimator, and the activation trace (micro-batch, checkpointing, the attention kernel the run
+uses)."""
 
 from __future__ import annotations
 
 import pytest
 
-from launcher import memory, plan
+from launcher import memory
 from train import config as config_lib
 
 VOCAB = 50257
@@ -75,14 +76,3 @@ def test_attention_is_traced_with_the_kernel_the_run_uses():
     no_dropout = gpt2(2, 64, 2, 1024, model={"hf_config": {"n_layer": 2, "n_embd": 64, "n_head": 2,
                                                             "n_positions": 1024, "attn_pdrop": 0.0}})
     assert memory.trace_activations(no_dropout, MANIFEST) == gpu
-
-
-def test_largest_micro_batch_is_what_fits_in_the_budget():
-    states = memory.States(weights=100, grads=100, optimizer=300, host=0)
-    acts = memory.Activations(checkpointed=40, full=200, micro_batch=4)  # 10 and 50 bytes per sample
-    row = plan.Row(stage=2, offload="", states=states, act_checkpointed=40, act_full=200, framework=0)
-    precision = plan.precision_lib.Choice("bf16", "bf16", "set in the config")
-    p = plan.Plan(2, memory.ModelCounts(10, 10, 5, 0), acts, [row], row, True, 0, 1, False, precision)
-    assert plan.largest_micro_batch(p, row, True, budget=500 + 10 * 7 + 9) == 7
-    assert plan.largest_micro_batch(p, row, False, budget=500 + 50 * 3) == 3
-    assert plan.largest_micro_batch(p, row, False, budget=499) == 0

@@ -1,16 +1,22 @@
-"""The launcher's commands, environment and input errors, and the README commands CI depends on."""
+"""`python -m launcher --dry-run` as its own process: the DeepSpeed command it would run (thread share, loopback
+rendezvous for a local run, no SSH, the master and node rank from a host list, a hostfile or Slurm), one clear error
+for bad input, and a hostfile written in a private directory, never through a link planted in a shared temp dir;
+and the per-rank wrapper launcher/rank.py run as a script from anywhere without loading torch. In this process:
+tests/unit/test_launcher.py; with real ranks: tests/distributed/test_launcher.py."""
 
+from __future__ import annotations
+
+import hashlib
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from launcher.__main__ import rank_environment
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def dry_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -65,19 +71,6 @@ def test_bad_hostfile_line_is_named(tmp_path):
                                        "got 'b slots=two'"), out.stderr
 
 
-def test_explicit_thread_setting_wins_and_pythonpath_is_kept():
-    assert rank_environment(2, {"OMP_NUM_THREADS": "3", "PYTHONPATH": "/x"}) == {"PYTHONPATH": f"{ROOT}:/x"}
-    assert rank_environment(os.cpu_count() * 2, {})["OMP_NUM_THREADS"] == "1"
-
-
-def test_the_batch_scripts_requeue_on_the_trainers_preemption_exit_code():
-    """slurm/requeue.sh is shell and repeats the code; it must be the one train/main.py and the launcher exit with."""
-    from train import exit_codes
-
-    [value] = re.findall(r"^PREEMPTED_EXIT_CODE=(\d+)\b", (ROOT / "slurm/requeue.sh").read_text(), re.M)
-    assert int(value) == exit_codes.PREEMPTED
-
-
 def test_the_rank_wrapper_runs_as_a_script_from_anywhere_without_loading_torch(tmp_path):
     """DeepSpeed's launcher runs `python launcher/rank.py train/main.py ...`; the wrapper imports the exit-code table
     from the project root whatever the working directory and PYTHONPATH, and nothing that loads torch."""
@@ -91,30 +84,30 @@ def test_the_rank_wrapper_runs_as_a_script_from_anywhere_without_loading_torch(t
     assert out.returncode == 0 and out.stdout.strip() == "0 ['train', 'train.exit_codes']", out
 
 
-def readme_block_after(heading: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split(heading, 1)[1]
-    return re.search(r"```bash\n(.*?)\n```", section, re.S).group(1)
+def test_the_hostfile_is_never_written_through_a_planted_link(tmp_path):
+    shared_tmp = tmp_path / "shared_tmp"
+    shared_tmp.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    hosts = [("n1", 1), ("n2", 1)]
+    text = "".join(f"{host}:{slots}," for host, slots in hosts)
+    old_name = f"reparam-hostfile-{hashlib.sha1(text.encode()).hexdigest()[:12]}"  # a predictable name
+    (shared_tmp / old_name).symlink_to(victim)
+    (shared_tmp / "reparam-hostfile").symlink_to(victim)
+    env = {**os.environ, "TMPDIR": str(shared_tmp)}
+    proc = subprocess.run([sys.executable, "-m", "launcher", "--config", "configs/quickstart.yaml", "--dry-run",
+                           "--nodes", "n1,n2", "--node-rank", "0"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    hostfile = Path(proc.stdout.split("--hostfile ", 1)[1].split()[0])
+    assert victim.read_text() == "precious\n"
+    assert hostfile.parent.parent == shared_tmp and hostfile.parent.name.startswith("reparam-hostfile-")
+    assert not hostfile.is_symlink() and hostfile.read_text() == "n1 slots=1\nn2 slots=1\n"
+    assert stat.S_IMODE(hostfile.parent.stat().st_mode) == 0o700 and stat.S_IMODE(hostfile.stat().st_mode) == 0o600
 
 
-def test_ci_runs_exactly_the_readme_test_command():
-    command = readme_block_after("## Tests (one command)")
-    assert command in (ROOT / ".ci/run").read_text().splitlines()
-    assert command.endswith("-m pytest tests")
-
-
-def test_readme_quickstart_uses_shipped_files():
-    command = readme_block_after("## Quick start")
-    for path in re.findall(r"--config (\S+)", command):
-        assert (ROOT / path).is_file(), path
-
-
-
-def test_the_readme_test_command_collects_every_test_file():
-    """pytest skips directories named like build outputs (`dist`, `build`, ...) unless told otherwise: every test
-    file under tests/ must be collected by the plain `pytest tests` that CI runs."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests"], cwd=ROOT,
-                         capture_output=True, text=True).stdout
-    collected = {line.split("::")[0] for line in out.splitlines() if "::" in line}
-    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")}
-    assert collected == on_disk
+def test_a_local_run_rendezvous_is_on_loopback():
+    env = {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"}
+    proc = subprocess.run([sys.executable, "-m", "launcher", "--config", "configs/quickstart.yaml", "--dry-run",
+                           "--nproc", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert " GLOO_SOCKET_IFNAME=lo " in proc.stdout and " --master_addr 127.0.0.1 --master_port " in proc.stdout

@@ -1,4 +1,4 @@
-"""The seed's example on a real pretrained encoder, offline, as docs/finetune.md runs it: all-MiniLM-L6-v2 (a
+"""docs/finetune.md's example on a real pretrained encoder, offline, as the doc runs it: all-MiniLM-L6-v2 (a
 BERT-family encoder, tests/real_files.py) fine-tuned for sentiment with configs/classify_bert.yaml on 2 ranks, test
 accuracy before and after fine-tuning in results.json, then `train.predict` on new sentences."""
 
@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT, run_training
-from tests.real_files import real_model_dir  # noqa: F401 (fixture)
 
 NEW_REVIEWS = {"An absolutely wonderful, moving picture with a brilliant cast.": "pos",
                "What a dull and tedious film; I was bored the whole time.": "neg"}
