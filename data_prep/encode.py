@@ -12,7 +12,9 @@ without special tokens, so the batch encode stays one plain call (gigatoken's fa
   classification  the template (single or pair); a tokenizer whose template adds nothing (GPT-2, ours) closes each
                   text with eos instead, so a decoder classifier pools an eos and a pair's texts stay apart
   sft             prompt/response: before + prompt + response + eos; chat messages: the chat template's rendering
-                  (it writes its own BOS text) + eos. The loss mask is 1 on trainable segments and the final eos.
+                  (it writes its own BOS text), + eos unless the last assistant turn already holds it (a template
+                  that closes its turns with eos, as Qwen's ChatML and Llama-3-Instruct's do, gives exactly
+                  `apply_chat_template`'s ids). The loss mask is 1 on trainable segments and the final eos.
 
 Token type ids are kept (per token, with the sft mask's storage) only where the pair template gives some token a
 non-zero type and the template closes a text, as an encoder's does (BERT-style pairs); elsewhere they are all 0,
@@ -21,7 +23,7 @@ the models' default (decoders take none).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -123,6 +125,14 @@ def _frame(framing: Framing, spec: RecordSpec, segments: int) -> _Frame:
     return _Frame(() if spec.messages_field else before, (), eos)  # sft: the chat template writes its own BOS
 
 
+def _closed_with_eos(flat: np.ndarray, seg_starts: np.ndarray, seg_ends: np.ndarray, first: int, example: Example,
+                     eos: int) -> bool:
+    """Whether the chat template already put eos into the example's last trainable segment (its last assistant
+    turn), whose segments start at index `first` of the batch."""
+    last = max(j for j, trainable in enumerate(example.trainable) if trainable)
+    return bool((flat[seg_starts[first + last]:seg_ends[first + last]] == eos).any())
+
+
 def with_type_ids(framing: Framing, spec: RecordSpec) -> bool:
     """Whether records of `spec` carry token type ids (classification pairs of a BERT-style tokenizer)."""
     return spec.kind == "classification" and bool(spec.text_pair_field) and framing.pair_has_types
@@ -156,6 +166,8 @@ def encode_examples(encoder: TokenizerBackend, examples: list[Example], dtype: n
     for d, example in enumerate(examples):
         n = len(example.segments)
         frame = _frame(framing, spec, n)
+        if spec.messages_field and _closed_with_eos(flat, seg_starts, seg_ends, s, example, framing.eos):
+            frame = replace(frame, after=())
         kinds = frame.types or ((0,) * len(frame.before), 0, (0,) * len(frame.between), 0, (0,) * len(frame.after))
         inserts = [(seg_starts[s], frame.before, kinds[0], False)]
         inserts += [(seg_ends[s + j], frame.between, kinds[2], False) for j in range(n - 1)]

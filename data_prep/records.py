@@ -157,6 +157,12 @@ def chat_template_sha256(tokenizer_dir: str | Path) -> str | None:
     return hashlib.sha256(template.encode("utf-8")).hexdigest() if template is not None else None
 
 
+# Qwen3's template, for one, renders an earlier assistant turn without the <think> block it gives the last one.
+_NOT_TURN_BY_TURN = ("the chat template does not render this conversation turn by turn (a prefix renders "
+                     "differently, as templates that drop earlier turns' reasoning do); cannot mask it: give each "
+                     "assistant reply its own record (the conversation up to it, with no earlier assistant reply)")
+
+
 class ChatRenderer:
     """Renders `messages` with the tokenizer's chat template (jinja2, sandboxed, as transformers does) and cuts the
     result into segments: text before each assistant turn (not trained) and the assistant turn (trained).
@@ -183,6 +189,8 @@ class ChatRenderer:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
 
     def segments(self, messages: list) -> tuple[list[str], list[bool]]:
+        """The conversation as the template renders it, cut at each assistant reply (trainable) from prefix
+        renderings; BadRecord where a prefix renders differently from the whole."""
         segs, train, done = [], [], ""
         try:
             for i, message in enumerate(messages):
@@ -191,8 +199,7 @@ class ChatRenderer:
                 prefix = self.render(messages[:i], True)
                 full = self.render(messages[:i + 1], False)
                 if not prefix.startswith(done) or not full.startswith(prefix):
-                    raise BadRecord("bad_messages", "the chat template does not render this conversation turn by turn "
-                                                    "(a prefix renders differently); cannot mask it")
+                    raise BadRecord("bad_messages", _NOT_TURN_BY_TURN)
                 segs += [prefix[len(done):], full[len(prefix):]]
                 train += [False, True]
                 done = full
@@ -200,7 +207,7 @@ class ChatRenderer:
         except self._error as exc:
             raise BadRecord("bad_messages", f"the chat template rejected the messages ({exc})") from None
         if not rest.startswith(done):
-            raise BadRecord("bad_messages", "the chat template does not render this conversation turn by turn")
+            raise BadRecord("bad_messages", _NOT_TURN_BY_TURN)
         if len(rest) > len(done):
             segs.append(rest[len(done):])
             train.append(False)

