@@ -31,7 +31,9 @@ from train.errors import ConfigError
 ALLOWED, BREAKING = "allowed", "breaking"
 
 
-def _field(default: Any, doc: str, on_resume: str = ALLOWED):
+def _field(default: Any, doc: str, on_resume: str):
+    """A documented config field; `on_resume` (ALLOWED or BREAKING) has no default, so that every new field says
+    whether a resumed run may change it."""
     metadata = {"doc": doc, "on_resume": on_resume}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -74,14 +76,15 @@ def _finite(value: float) -> bool:
 @dataclass
 class RunConfig(_Section):
     SECTION = "run"
-    name: str = _field("", "Run name; the run directory is <output_dir>/<name>. Defaults to the config file's stem.")
-    output_dir: str = _field("runs", "Directory that holds one sub-directory per run.")
+    name: str = _field("", "Run name; the run directory is <output_dir>/<name>. Defaults to the config file's "
+                           "stem.", ALLOWED)
+    output_dir: str = _field("runs", "Directory that holds one sub-directory per run.", ALLOWED)
     seed: int = _field(1234, "Seed for model init, data order and dropout (each rank offsets it by its rank).",
                        BREAKING)
     resume: Literal["auto", "never", "require"] = _field(
         "auto", "'auto': continue from the run directory's latest checkpoint if one exists; 'never': refuse to start "
                 "if the run directory already has checkpoints; 'require': continue the latest checkpoint and fail if "
-                "there is none (a requeued job that must not silently start over).")
+                "there is none (a requeued job that must not silently start over).", ALLOWED)
 
     def validate(self):
         _require(bool(self.output_dir), "run.output_dir", "must not be empty")
@@ -179,12 +182,12 @@ class DataConfig(_Section):
     SECTION = "data"
     path: str = _field("", "Directory written by `python -m data_prep tokenize` (holds manifest.json), or a blend "
                            "spec file (`<shard dir>: <weight>` per line, see docs/data_prep.md) to sample several "
-                           "shard directories in proportion; every split is read from each part.")
+                           "shard directories in proportion; every split is read from each part.", ALLOWED)
     seq_len: int = _field(512, "Tokens per training sequence; shards are cut into windows of this length.", BREAKING)
     train_split: str = _field("train", "Split of the manifest used for training.", BREAKING)
-    val_split: str = _field("val", "Split used for validation loss; empty string disables validation.")
+    val_split: str = _field("val", "Split used for validation loss; empty string disables validation.", ALLOWED)
     test_split: str = _field("", "Split evaluated with the starting model before training and with the best (or "
-                                 "final) model at the end, reported in results.json; empty disables.")
+                                 "final) model at the end, reported in results.json; empty disables.", ALLOWED)
 
     def validate(self):
         _require(bool(self.path), "data.path", "is required: the output directory of `python -m data_prep tokenize`")
@@ -195,13 +198,14 @@ class DataConfig(_Section):
 @dataclass
 class OptimConfig(_Section):
     SECTION = "optim"
-    lr: float = _field(3e-4, "Peak learning rate, reached after warmup_steps.")
-    min_lr: float = _field(3e-5, "Learning rate at the end of the cosine decay.")
-    warmup_steps: int = _field(100, "Optimizer steps of linear warmup from 0 to lr.")
-    weight_decay: float = _field(0.1, "AdamW weight decay, applied to matrices only (not biases, norms, embeddings).")
-    betas: list = _field([0.9, 0.95], "AdamW betas.")
-    eps: float = _field(1e-8, "AdamW epsilon.")
-    grad_clip: float = _field(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    lr: float = _field(3e-4, "Peak learning rate, reached after warmup_steps.", ALLOWED)
+    min_lr: float = _field(3e-5, "Learning rate at the end of the cosine decay.", ALLOWED)
+    warmup_steps: int = _field(100, "Optimizer steps of linear warmup from 0 to lr.", ALLOWED)
+    weight_decay: float = _field(0.1, "AdamW weight decay, applied to matrices only (not biases, norms, "
+                                      "embeddings).", ALLOWED)
+    betas: list = _field([0.9, 0.95], "AdamW betas.", ALLOWED)
+    eps: float = _field(1e-8, "AdamW epsilon.", ALLOWED)
+    grad_clip: float = _field(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", ALLOWED)
 
     def validate(self):
         _require(_finite(self.lr) and self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -226,12 +230,12 @@ def _at_least(section: _Section, minimum: int, *keys: str) -> None:
 class TrainConfig(_Section):
     """The training loop: how long, how big a step, in what precision, on which ZeRO preset."""
     SECTION = "train"
-    max_steps: int = _field(1000, "Optimizer steps to train for (ignored when epochs > 0).")
+    max_steps: int = _field(1000, "Optimizer steps to train for (ignored when epochs > 0).", ALLOWED)
     epochs: int = _field(0, "When > 0, train for this many passes over the training split instead of max_steps "
-                            "(max_steps = epochs x optimizer steps per epoch).")
-    micro_batch_size: int = _field(8, "Sequences per rank per forward/backward pass.")
+                            "(max_steps = epochs x optimizer steps per epoch).", ALLOWED)
+    micro_batch_size: int = _field(8, "Sequences per rank per forward/backward pass.", ALLOWED)
     grad_accum_steps: int = _field(1, "Micro-batches accumulated per optimizer step. "
-                                      "Global batch = micro_batch_size * grad_accum_steps * world size.")
+                                      "Global batch = micro_batch_size * grad_accum_steps * world size.", ALLOWED)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _field(
         "auto", "auto: bf16 on a GPU that supports it, else fp16 (dynamic loss scaling); on CPU bf16 only where its "
                 "matmuls are fast (x86 CPU flags, else a short probe), else fp32. bf16, fp16 or fp32 force one (fp16 "
@@ -240,17 +244,17 @@ class TrainConfig(_Section):
     deepspeed_config: str = _field("ds_configs/zero2.json", "ZeRO preset from ds_configs/; batch sizes, precision "
                                                             "and clipping are injected from this run config.",
                                    BREAKING)
-    log_every: int = _field(10, "Optimizer steps between log lines / TensorBoard points.")
+    log_every: int = _field(10, "Optimizer steps between log lines / TensorBoard points.", ALLOWED)
     nonfinite_max_in_a_row: int = _field(3, "A non-finite loss or gradient skips the update; this many in a row "
-                                            "roll back to the last checkpoint and skip the offending batches.")
-    nonfinite_max_rollbacks: int = _field(2, "Rollbacks allowed before the run stops with a report.")
+                                            "roll back to the last checkpoint and skip the offending batches.", ALLOWED)
+    nonfinite_max_rollbacks: int = _field(2, "Rollbacks allowed before the run stops with a report.", ALLOWED)
     fast_cpu_dropout: bool = _field(True, "On CPU, draw dropout masks (nn.Dropout and causal attention dropout) "
                                           "from a seeded numpy stream instead of torch's per-element generator: "
                                           "same formula and probability, other masks, reproducible on resume; ~15% "
                                           "faster GPT-2 steps on a CPU without MKL's generator (AMD). No effect on "
-                                          "GPU. false: torch's dropout.")
+                                          "GPU. false: torch's dropout.", ALLOWED)
     collective_timeout_s: int = _field(600, "Seconds a collective may wait for the other ranks before the run "
-                                            "fails; bounds the hang when a rank or node dies.")
+                                            "fails; bounds the hang when a rank or node dies.", ALLOWED)
 
     def validate(self):
         _at_least(self, 1, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "nonfinite_max_in_a_row",
@@ -262,15 +266,17 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Validation during training, the best checkpoint, early stopping."""
     SECTION = "eval"
-    every: int = _field(100, "Optimizer steps between validation passes; 0 evaluates only at the end.")
-    at_epoch_end: bool = _field(True, "Also evaluate after the last optimizer step of every epoch.")
-    batches: int = _field(20, "Micro-batches per rank in one validation pass; 0 evaluates the whole split.")
+    every: int = _field(100, "Optimizer steps between validation passes; 0 evaluates only at the end.", ALLOWED)
+    at_epoch_end: bool = _field(True, "Also evaluate after the last optimizer step of every epoch.", ALLOWED)
+    batches: int = _field(20, "Micro-batches per rank in one validation pass; 0 evaluates the whole split.", ALLOWED)
     best_metric: str = _field("", "Validation metric that picks the best checkpoint (val/loss, val/accuracy, "
                                   "val/macro_f1, ...): a checkpoint is saved at each new best, kept by retention, "
-                                  "and used for the test split and `train.export --step best`. Empty disables.")
-    best_mode: Literal["min", "max"] = _field("min", "min or max: whether a lower or higher best_metric is better.")
+                                  "and used for the test split and `train.export --step best`. Empty disables.",
+                              ALLOWED)
+    best_mode: Literal["min", "max"] = _field("min", "min or max: whether a lower or higher best_metric is better.",
+                                              ALLOWED)
     early_stopping_patience: int = _field(0, "Stop after this many validation passes without a new best "
-                                             "best_metric; 0 never stops early.")
+                                             "best_metric; 0 never stops early.", ALLOWED)
 
     def validate(self):
         _at_least(self, 0, "every", "batches", "early_stopping_patience")
@@ -284,10 +290,11 @@ class EvalConfig(_Section):
 class CheckpointConfig(_Section):
     """When checkpoints are written and which are kept."""
     SECTION = "checkpoint"
-    every: int = _field(500, "Optimizer steps between checkpoints; a checkpoint is always written at the end.")
-    keep_last: int = _field(0, "Checkpoints to keep (the newest ones); 0 keeps all. The newest is never deleted.")
+    every: int = _field(500, "Optimizer steps between checkpoints; a checkpoint is always written at the end.", ALLOWED)
+    keep_last: int = _field(0, "Checkpoints to keep (the newest ones); 0 keeps all. The newest is never deleted.",
+                            ALLOWED)
     keep_every: int = _field(0, "Also keep every checkpoint whose step is a multiple of this (with keep_last); "
-                                "0 disables.")
+                                "0 disables.", ALLOWED)
 
     def validate(self):
         _at_least(self, 0, "every", "keep_last", "keep_every")
