@@ -54,3 +54,9 @@ def build_engine(cfg: Config, manifest: dict, ds_config: dict) -> Engine:
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return Engine(engine, optimizer, trainable, total, flops, rss_before_model_gb, zero3_init)
+
+
+def forward(engine: deepspeed.DeepSpeedEngine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits for a batch (its labels already removed), its tensors moved to the engine's device."""
+    device = engine.device
+    return engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).logits

@@ -21,6 +21,7 @@ from train import tasks
 from train.best import BestTracker
 from train.config import Config
 from train.data import IGNORE, eval_batches
+from train.engine import forward
 from train.errors import ConfigError
 from train.metrics import Metrics
 
@@ -50,11 +51,6 @@ class Evaluator:
         e = self.cfg.eval
         return bool(e.every and step % e.every == 0) or (e.at_epoch_end and at_epoch_end)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The logits for a batch (its labels already removed)."""
-        device = self.engine.device
-        return self.engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).logits
-
     @torch.no_grad()
     def evaluate(self, items, split: str) -> dict[str, float]:
         """Metrics of one pass over `items` (eval.batches rounds, or all), named `<split>/<metric>`. Collective."""
@@ -67,7 +63,7 @@ class Evaluator:
             labels = batch.pop("labels")
             if not len(indices):
                 labels.fill_(IGNORE)
-            sums.add(self.forward(batch), labels.to(self.engine.device))
+            sums.add(forward(self.engine, batch), labels.to(self.engine.device))
         dist.all_reduce(sums.sums)
         self.engine.train()
         metrics = sums.metrics()

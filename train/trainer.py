@@ -35,7 +35,7 @@ from train.checkpointing import CheckpointManager
 from train.config import Config
 from train.data import open_run_data
 from train.distributed import start_training_process
-from train.engine import build_engine
+from train.engine import build_engine, forward
 from train.evaluation import Evaluator, describe
 from train.metrics import Metrics
 from train.nonfinite import Action, NonFiniteGuard
@@ -113,7 +113,7 @@ class Trainer:
             batch, num_tokens = self.data.train.model_batch(indices)
             self.reporter.data_wait_s += time.perf_counter() - start
             labels = batch.pop("labels").to(self.engine.device, non_blocking=True)
-            loss = tasks.loss(self.cfg.task.kind, self.evaluator.forward(batch), labels, self.cfg.task.label_smoothing)
+            loss = tasks.loss(self.cfg.task.kind, forward(self.engine, batch), labels, self.cfg.task.label_smoothing)
             if faults.ACTIVE:
                 loss = faults.poison(loss, self.sampler.step_start, self.rank)
             self.engine.backward(loss)
