@@ -205,22 +205,19 @@ def reference_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def docs_of(shards) -> list[list[int]]:
-    """Every document of a ShardSet's split, in order, as a list of ids (eos included)."""
+def docs_of(shards, per_token: bool = False) -> list[list[int]]:
+    """Every document of a ShardSet's split, in order, as a list of ids (eos included); with `per_token`, each
+    document's per-token uint8 values instead (the sft loss mask, or a pair's token type ids)."""
     out = []
     for i in range(shards.num_shards):
-        tokens, offsets = shards.tokens(i), shards.doc_offsets(i)
-        out += [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+        values, offsets = (shards.loss_mask(i) if per_token else shards.tokens(i)), shards.doc_offsets(i)
+        out += [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
     return out
 
 
 def masks_of(shards) -> list[list[int]]:
     """Every document's sft loss mask, in order."""
-    out = []
-    for i in range(shards.num_shards):
-        mask, offsets = shards.loss_mask(i), shards.doc_offsets(i)
-        out += [mask[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-    return out
+    return docs_of(shards, per_token=True)
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
@@ -279,6 +276,14 @@ NUMBERED_JSONL = b"".join(json.dumps({"text": f"document {i} alpha beta gamma"})
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def with_chat_template(tokenizer_dir: Path, directory: Path) -> Path:
+    """A copy of `tokenizer_dir` at `directory` whose tokenizer_config.json carries CHATML as its chat template."""
+    shutil.copytree(tokenizer_dir, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -109,11 +109,11 @@ class Reporter:
         self.progress_bar = False
 
     # ------------------------------------------------------------------------------------------- the end
-    def write_summary(self, summary: dict) -> dict:
+    def write_summary(self, summary: dict, tokens_this_session: int) -> dict:
         """Add throughput, MFU and memory to the session's `summary` and write summary.json. Collective."""
         rss_gb, gpu_gb = self.memory_peaks()
-        wall, tokens = summary["wall_seconds"], summary["tokens_this_session"]
-        mean_tokens_per_s = tokens / wall if summary["steps_this_session"] else None
+        mean_tokens_per_s = (tokens_this_session / summary["wall_seconds"] if summary["steps_this_session"]
+                             else None)
         summary.update({
             "mean_tokens_per_s": mean_tokens_per_s, "final_train_loss": self.last_train_loss,
             "flops_per_token": self.flops.flops_per_token, "peak_flops_per_rank": self.peak_flops,
@@ -121,7 +121,6 @@ class Reporter:
             "precision": self.precision.as_dict(),
             "mean_mfu": self.mfu(mean_tokens_per_s) if mean_tokens_per_s is not None else None,
             "peak_rss_gb": rss_gb, "peak_gpu_mem_gb": gpu_gb})
-        del summary["tokens_this_session"]
         if dist.get_rank() == 0:
             write_atomic(self.cfg.run_dir / layout.SUMMARY, json.dumps(summary, indent=2))
         return summary

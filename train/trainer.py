@@ -210,7 +210,8 @@ class Trainer:
                 self.metrics.print(f"early stop at step {self.step}: {best.metric} did not improve for "
                                    f"{best.patience} evaluations (best {best.best_value:.4f} at step "
                                    f"{best.best_step})")
-        summary = self.reporter.write_summary(self._summary(checkpoint, wall, start_step, start_tokens))
+        summary = self.reporter.write_summary(self._summary(checkpoint, wall, start_step),
+                                              self.tokens_seen - start_tokens)
         if self.preempted:
             self.metrics.print(summary_table(summary))
             return summary
@@ -242,15 +243,14 @@ class Trainer:
             self.metrics.print(f"blend: {part['path']} weight {part['weight']:.4f}, realised {part['realised']:.4f} "
                                f"of each epoch's {len(data.train):,} samples")
 
-    def _summary(self, checkpoint: Path, wall: float, start_step: int, start_tokens: int) -> dict:
+    def _summary(self, checkpoint: Path, wall: float, start_step: int) -> dict:
         """What the session did; the reporter adds throughput, MFU and memory."""
         val = self.evaluator.last[1] if self.evaluator.last else {}
         best = self.evaluator.best
         best_tag = self.checkpoints.best_tag() if best else None
         return {
             "run_dir": str(self.cfg.run_dir), "steps": self.step, "steps_this_session": self.step - start_step,
-            "tokens_seen": self.tokens_seen, "tokens_this_session": self.tokens_seen - start_tokens,
-            "wall_seconds": round(wall, 3), "final_val_loss": val.get("val/loss"), "final_val": val,
+            "tokens_seen": self.tokens_seen, "wall_seconds": round(wall, 3), "final_val_loss": val.get("val/loss"), "final_val": val,
             "checkpoint": str(checkpoint), "max_steps": self.max_steps, "stopped_early": self.evaluator.stopped_early,
             "best_checkpoint": str(self.checkpoints.directory / best_tag) if best_tag else None,
             "tensorboard_dir": str(self.metrics.tb_dir), "resumed_from": self.resumed_from and str(self.resumed_from),

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from data_prep.shards import ShardSet
-from tests.conftest import ROOT, run_training
+from tests.conftest import ROOT, docs_of, run_training
 
 # A long document (BERT's tokenizer.json truncates at 128), accents, an emoji (byte fallback), newlines, code.
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 30,
@@ -54,13 +54,7 @@ def expected_text(reference, text: str, eos: int) -> list[int]:
 
 def stored_docs(directory, split: str = "train", per_token: bool = False) -> list[list[int]]:
     """Every document of the split in order (or, with per_token, each document's per-token uint8 values)."""
-    shards = ShardSet(directory, split)
-    docs = []
-    for i in range(len(shards)):
-        offsets = shards.doc_offsets(i)
-        values = np.asarray(shards.loss_mask(i) if per_token else shards.tokens(i))
-        docs += [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-    return docs
+    return docs_of(ShardSet(directory, split), per_token)
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -18,8 +17,8 @@ from data_prep.pipeline import merge, tokenize_corpus
 from data_prep.readers import expand_inputs, plan_units
 from data_prep.records import RecordSpec
 from data_prep.shards import ShardSet
-from tests.conftest import (CHATML, docs_of, masks_of, random_text, random_texts, reference_ids, shard_hashes,
-                            write_jsonl)
+from tests.conftest import (docs_of, masks_of, random_text, random_texts, reference_ids, shard_hashes,
+                            with_chat_template, write_jsonl)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -147,10 +146,7 @@ def test_a_killed_run_resumes_from_its_finished_units(tiny, sentiment, tmp_path,
 
 
 def test_sft_prompt_response_and_chat_messages_columns(tiny, tmp_path):
-    tok = tmp_path / "tok"
-    shutil.copytree(tiny["tokenizer"], tok)
-    config = json.loads((tok / "tokenizer_config.json").read_text())
-    (tok / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    tok = with_chat_template(tiny["tokenizer"], tmp_path / "tok")
     conv = [{"role": "user", "content": "alpha?"}, {"role": "assistant", "content": "beta"},
             {"role": "user", "content": "gamma?"}, {"role": "assistant", "content": "delta token"}]
     rows = [{"prompt": f"question {i}: alpha?", "response": f" answer {i}", "messages": conv[:2 + 2 * (i % 2)]}

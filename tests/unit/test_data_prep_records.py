@@ -7,7 +7,6 @@ flags for each are given to data_prep's main in this process."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from data_prep.pipeline import tokenize_corpus
 from data_prep.records import RecordSpec, chat_template_sha256
 from data_prep.shards import ShardSet
 from data_prep.verify import verify_shards
-from tests.conftest import (BAD_JSONL, CHATML, docs_of, expected_docs, masks_of, read_documents,
-                            reference_ids)
+from tests.conftest import (BAD_JSONL, docs_of, expected_docs, masks_of, read_documents,
+                            reference_ids, with_chat_template)
 
 
 # ---------------------------------------------------------------------------------------------------------------- text
@@ -140,10 +139,7 @@ def test_sft_prompt_response_tokens_and_mask(tiny, tmp_path):
 
 
 def test_sft_chat_messages_rendered_with_template_and_masked(tiny, tmp_path):
-    tok = tmp_path / "tok"
-    shutil.copytree(tiny["tokenizer"], tok)
-    config = json.loads((tok / "tokenizer_config.json").read_text())
-    (tok / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    tok = with_chat_template(tiny["tokenizer"], tmp_path / "tok")
     conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "alpha?"},
             {"role": "assistant", "content": "beta"}, {"role": "user", "content": "gamma?"},
             {"role": "assistant", "content": "delta token"}]
