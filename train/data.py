@@ -89,6 +89,11 @@ class Documents:
         return sum(int(np.count_nonzero(np.diff(self.shards.doc_offsets(i)) > self.seq_len))
                    for i in range(len(self.shards)))
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of every example as `example` returns it (cut to seq_len), from the document index."""
+        return np.concatenate([np.minimum(np.diff(self.shards.doc_offsets(i)), self.seq_len)
+                               for i in range(len(self.shards))]).astype(np.int64)
+
     def example(self, index: int) -> tuple[np.ndarray, np.ndarray | int]:
         """(token ids, loss mask) for sft, (token ids, label id) for classification; cut to seq_len."""
         shard = int(np.searchsorted(self.starts, index, side="right") - 1)
@@ -192,6 +197,15 @@ class BlendedItems:
         part, shard, local = self.sampler.sample(indices)
         return [(int(p), int(self.sampler.starts[p][s] + i)) for p, s, i in zip(part, shard, local)]
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of every sample (Documents parts only: windows all hold seq_len)."""
+        part, shard, local = self.sampler.sample(np.arange(len(self)))
+        lengths = np.empty(len(self), dtype=np.int64)
+        for p, items in enumerate(self.parts):
+            here = part == p
+            lengths[here] = items.lengths()[self.sampler.starts[p][shard[here]] + local[here]]
+        return lengths
+
     def model_batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
         located = self._locate(indices)
         if isinstance(self.parts[0], TokenWindows):
@@ -277,8 +291,10 @@ def open_run_data(cfg, rank: int, world_size: int) -> RunData:
         sampler = train.sampler
         blend = [{"path": str(s.directory), "weight": float(w), "realised": float(r)}
                  for s, w, r in zip(sampler.sets, sampler.weights, train.realised())]
+    grouping = cfg.data.length_grouping
     sampler = GlobalBatchSampler(len(train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, world_size,
-                                 rank, cfg.run.seed)
+                                 rank, cfg.run.seed, lengths=train.lengths() if grouping else None,
+                                 group_size=grouping)
     steps_per_epoch, max_steps = run_steps(cfg, len(train), sampler.global_batch)
     return RunData(manifest, train, val, test, items_cut, blend, sampler, steps_per_epoch, max_steps)
 
@@ -291,18 +307,25 @@ class GlobalBatchSampler:
     skipped). Inside a step, rank `r`'s micro-batch `m` takes positions `[(m * world + r) * micro, ... + micro)`.
     The whole state is `(epoch, position)`, so restoring it is O(1) and replays nothing, at any world size.
     Global batches marked with `skip` (batches that made the loss non-finite) are passed over.
+
+    With `group_size` (data.length_grouping) and the items' `lengths`, each run of `group_size` consecutive
+    positions of the permutation is sorted by length, longest first: neighbouring positions, hence the rows of one
+    micro-batch, have similar lengths and pad little, while which items share a group stays random. The order is
+    still a function of the seed, the epoch and the data only (a group size in items, not in batches, keeps it
+    independent of the world size), so resume stays exact.
     """
 
     VERSION = 1
 
     def __init__(self, num_windows: int, micro_batch: int, accum_steps: int, world_size: int, rank: int,
-                 seed: int):
+                 seed: int, lengths: np.ndarray | None = None, group_size: int = 0):
         self.num_windows = num_windows
         self.micro_batch = micro_batch
         self.accum_steps = accum_steps
         self.world_size = world_size
         self.rank = rank
         self.seed = seed
+        self.lengths, self.group_size = lengths, group_size
         self.global_batch = micro_batch * accum_steps * world_size
         if num_windows < self.global_batch:
             raise ConfigError(f"data.path: the training split has {num_windows} items (windows of data.seq_len tokens, "
@@ -318,7 +341,11 @@ class GlobalBatchSampler:
 
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+            if self.group_size:
+                # lexsort is stable and sorts by the last key first: by group, then longest first within it.
+                order = order[np.lexsort((-self.lengths[order], np.arange(len(order)) // self.group_size))]
+            self._order = order
             self._order_epoch = self.epoch
         return self._order
 
@@ -348,15 +375,18 @@ class GlobalBatchSampler:
     def state_dict(self) -> dict:
         return {"version": self.VERSION, "epoch": self.epoch, "position": self.position,
                 "num_windows": self.num_windows, "global_batch": self.global_batch, "world_size": self.world_size,
-                "seed": self.seed, "skipped": sorted(self.skipped)}
+                "seed": self.seed, "length_grouping": self.group_size, "skipped": sorted(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != self.VERSION:
             raise ResumeError(f"data sampler state has version {state.get('version')}, expected {self.VERSION}")
-        for key in ("num_windows", "seed"):
-            if state[key] != getattr(self, key):
-                raise ResumeError(f"cannot resume: the checkpoint's data sampler has {key}={state[key]} but this run "
-                                  f"has {getattr(self, key)}; the training data or the seed changed")
+        # A state saved before length grouping existed has no length_grouping: it ran without (0).
+        for key, saved, ours in (("num_windows", state["num_windows"], self.num_windows),
+                                 ("seed", state["seed"], self.seed),
+                                 ("length_grouping", state.get("length_grouping", 0), self.group_size)):
+            if saved != ours:
+                raise ResumeError(f"cannot resume: the checkpoint's data sampler has {key}={saved} but this run has "
+                                  f"{ours}; the training data, the seed or data.length_grouping changed")
         # The position counts windows of the epoch's order, not steps: with another global batch (a new world
         # size) the run still consumes exactly the continuation of the same window sequence.
         self.epoch = state["epoch"]

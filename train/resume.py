@@ -20,7 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from train.checkpoint import remove, verify, write_manifest
-from train.config import MOVED_KEYS, breaking_keys
+from train.config import MOVED_KEYS, breaking_keys, field_defaults
 from train.errors import ResumeError
 
 TOKENIZER_KEY = "tokenizer_fingerprint"  # beside the config in a checkpoint's identity; changing it is breaking
@@ -40,6 +40,8 @@ def check_compatible(saved: dict, current: dict, checkpoint: Path) -> list[str]:
     """Raise ResumeError if a breaking key differs; return 'key: old -> new' for the allowed changes."""
     # A checkpoint written before some keys moved (config.MOVED_KEYS) names them as they were.
     old, new = {MOVED_KEYS.get(k, k): v for k, v in flatten(saved).items()}, flatten(current)
+    # A key added after the checkpoint was written: its run had the key's default.
+    old.update({k: v for k, v in field_defaults().items() if k in new and k not in old})
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     described = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
     fixed = {*breaking_keys(), TOKENIZER_KEY}

@@ -80,6 +80,21 @@ def test_sft_with_lora_on_zero3_trains_adapters_only_and_the_response_loss_falls
         assert torch.equal(trained[key], value.to(trained[key].dtype)), name
 
 
+def test_length_grouped_sft_killed_and_resumed_is_bit_exact(pretrained_models, finetune_data, tmp_path):
+    overrides = [f"model.path={pretrained_models['gpt2']}", f"data.path={finetune_data['sft']}", "data.seq_len=64",
+                 "data.length_grouping=64", "task.sft_packing=false", "train.epochs=0", "train.max_steps=8",
+                 "train.micro_batch_size=4", "train.log_every=1", "checkpoint.every=4", "eval.every=0",
+                 "eval.best_metric=''", "eval.early_stopping_patience=0", "data.test_split=''",
+                 f"run.output_dir={tmp_path}"]
+    run_training(ROOT / "configs/sft_full.yaml", [*overrides, "run.name=reference"])
+    killed = run_training(ROOT / "configs/sft_full.yaml", [*overrides, "run.name=run"], check=False,
+                          env={"REPARAM_FAULT_AT_STEP": "6"})
+    assert killed.returncode != 0 and max(read_metrics(tmp_path / "run")) == 6
+    run_training(ROOT / "configs/sft_full.yaml", [*overrides, "run.name=run"])  # resumes from step 4
+    reference, resumed = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "run")
+    assert [resumed[s]["train/loss"] for s in range(5, 9)] == [reference[s]["train/loss"] for s in range(5, 9)]
+
+
 def test_freezing_keeps_frozen_weights_bit_identical(pretrained_models, tiny_data, tmp_path):
     run_training(ROOT / "configs/continued_pretrain_freeze.yaml", [
         f"model.path={pretrained_models['gpt2']}", f"data.path={tiny_data['shards']}", "data.seq_len=64",

@@ -154,6 +154,7 @@ def test_empty_value_is_an_empty_string_for_string_fields(tmp_path):
     ("optim.lr=.inf", "optim.lr: must be > 0, got inf"),
     ("optim.lr=1e999", "optim.lr: must be > 0, got inf"),
     ("optim.grad_clip=.nan", "optim.grad_clip: must be >= 0, got nan"),
+    ("data.length_grouping=-1", "data.length_grouping: must be >= 0, got -1"),
     ("finetune.lora_alpha=0", "finetune.lora_alpha: must be > 0, got 0.0"),
     ("finetune.lora_target_modules=[1]", "finetune.lora_target_modules: must be a list of module names, got [1]"),
     ("optim.lr=" + "9" * 400, "optim.lr must be float, got int 999"),
@@ -182,6 +183,8 @@ def test_non_string_keys_are_unknown_keys_not_crashes(tmp_path):
     ({"eval": {"best_metric": "val/loss"}, "data": {"path": "x", "val_split": ""}},
      "eval.best_metric: needs a validation split (data.val_split) to measure it on"),
     ({"model": {"dropout": 1.5}}, "model.dropout: must be null or in [0, 1), got 1.5"),
+    ({"data": {"path": "x", "length_grouping": 64}}, "data.length_grouping: groups sft and classification examples; "
+                                                     "causal_lm windows all hold data.seq_len tokens (set 0)"),
 ])
 def test_finetune_config_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError) as err:

@@ -82,6 +82,45 @@ def test_sampler_continues_the_same_window_sequence_at_another_world_size():
     assert consumed([smaller_batch], 4)[:16] == expected[:16]
 
 
+def padded_tokens(sampler, lengths, steps):
+    """Tokens the micro-batches of `steps` steps hold once each row is padded to its micro-batch's longest."""
+    return sum(len(micro) * int(lengths[micro].max()) for _ in range(steps) for micro in sampler.next_step())
+
+
+def test_length_grouping_pads_less_covers_every_example_and_resumes_at_any_world_size():
+    lengths = np.random.default_rng(0).integers(4, 200, size=1000)
+    def sampler(world=2, rank=0, accum=2, group=0, seed=9):
+        return GlobalBatchSampler(1000, 4, accum, world, rank, seed, lengths=lengths if group else None,
+                                  group_size=group)
+
+    grouped, plain = sampler(group=256), sampler()
+    order = grouped._epoch_order()
+    assert sorted(order) == list(range(1000))  # a permutation: every example once per epoch
+    for start in range(0, 1000, 256):  # each group: the same examples as the plain order's, longest first
+        group = order[start:start + 256]
+        assert set(group) == set(plain._epoch_order()[start:start + 256])
+        assert np.all(np.diff(lengths[group]) <= 0)
+    steps = 62  # one epoch at global batch 16
+    ratio = padded_tokens(grouped, lengths, steps) / padded_tokens(plain, lengths, steps)
+    assert ratio < 0.7  # padding to the longest of 4 random lengths vs of 4 neighbours in sorted order
+    assert sampler(group=256, seed=10)._epoch_order().tolist() != order.tolist()  # seeded
+
+    # Resume: the same continuation as uninterrupted, at the same or another world size (same group size in items).
+    reference = [sampler(group=256, rank=r) for r in (0, 1)]
+    for _ in range(70):  # past the epoch end
+        ranks_step(reference)
+    state = reference[0].state_dict()
+    expected = [np.concatenate([np.concatenate(r) for r in ranks_step(reference)]) for _ in range(5)]
+    one_rank = sampler(world=1, accum=4, group=256)
+    one_rank.load_state_dict(state)
+    assert [np.concatenate(one_rank.next_step()).tolist() for _ in range(5)] == [
+        np.concatenate([e[0:4], e[8:12], e[4:8], e[12:16]]).tolist() for e in expected]  # rank-major -> global order
+    with pytest.raises(ResumeError, match="length_grouping=256 but this run has 128"):
+        sampler(group=128).load_state_dict(state)
+    with pytest.raises(ResumeError, match="length_grouping=0 but this run has 256"):  # a state saved before grouping
+        sampler(group=256).load_state_dict({k: v for k, v in sampler().state_dict().items() if k != "length_grouping"})
+
+
 def test_too_little_data_for_one_step_is_a_config_error():
     with pytest.raises(ConfigError, match=r"the training split has 7 items \(windows of data.seq_len tokens, or "
                                           r"examples\) but one optimizer step needs 8"):
@@ -191,6 +230,8 @@ def test_classification_batch_pads_and_keeps_eos_when_truncating(finetune_data):
     assert batch["labels"].tolist() == [label, full.example(int(np.argmin(lengths)))[1]]
     every = [len(full.example(i)[0]) for i in range(len(full))]
     assert short.num_cut() == sum(n > 6 for n in every) > 0 and full.num_cut() == sum(n > 64 for n in every)
+    # length grouping reads the lengths from the document index: those of the examples as batched
+    assert full.lengths().tolist() == every and short.lengths().tolist() == [min(n, 6) for n in every]
 
 
 # -------------------------------------------------------------------------------------------------------------- blends
@@ -212,3 +253,10 @@ def test_blended_items_are_the_parts_items_in_proportion(blend_spec):
             from_part[part] += 1
     assert from_part[0] / from_part.sum() == pytest.approx(0.75, abs=0.03)
     assert items.realised() == pytest.approx([0.75, 0.25], abs=0.02)
+
+
+def test_blended_examples_have_the_lengths_of_the_examples_they_are(finetune_data):
+    sets = [ShardSet(finetune_data["cls"], split) for split in ("train", "val")]
+    parts = [Documents(one, 12, "classification", pad_id=1) for one in sets]
+    items = BlendedItems(parts, BlendSampler(sets, [1, 2], None, seed=3))
+    assert items.lengths().tolist() == [len(parts[p].example(i)[0]) for p, i in items._locate(np.arange(len(items)))]

@@ -27,3 +27,11 @@ def test_resume_refuses_breaking_changes_and_reports_the_others(tmp_path):
     old = {**saved, "train": {**saved["train"], "eval_every": 100}, "eval": {k: v for k, v in saved["eval"].items()
                                                                             if k != "every"}}
     assert resume.check_compatible(old, saved, tmp_path) == []
+    # A checkpoint written before a key existed ran with its default: resuming with the default is no change, with
+    # another value of a breaking key it is refused.
+    older = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "length_grouping"}}
+    assert resume.check_compatible(older, saved, tmp_path) == []
+    grouped = config.from_dict({"task": {"kind": "sft"}, "data": {"path": "x", "length_grouping": 64}}).to_dict()
+    with pytest.raises(ResumeError, match="data.length_grouping: 0 -> 64"):
+        resume.check_compatible({**older, "task": grouped["task"]}, {**grouped, resume.TOKENIZER_KEY: "abc"},
+                                tmp_path)
