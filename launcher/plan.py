@@ -6,6 +6,14 @@ its activations with and without activation checkpointing at the configured micr
 10 steps of the same config on this machine (through the launcher, in a temporary run directory), prints the
 measured tokens/s, step time, memory and checkpoint size next to the predictions, and projects the wall time of the
 configured run.
+
+With --probe-layouts (CPU-only machines) it measures how to split this machine's cores: N ranks x cores/N threads for
+the divisors N of the usable cores (os.sched_getaffinity), smallest N first, at most 4 layouts, each a 10-step probe
+at the configured global batch (micro-batch x grad accumulation x planned world size; grad accumulation is set per
+layout so that micro-batch x accumulation x N equals it, and a layout where it does not divide is skipped with its
+reason). It prints one table (layout, accumulation, tokens/s of the whole machine, s/step, projected wall time) and
+the launcher command of the layout with the most tokens/s. On a machine with CUDA GPUs it refuses with one line:
+there the layout is one rank per GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,6 +41,7 @@ from launcher import memory
 
 PROBE_STEPS = 10
 PROBE_WARMUP = 3  # steps left out of the timing (allocation, first-step set-up)
+MAX_LAYOUTS = 4  # --probe-layouts: ranks x threads layouts probed at most, one 10-step probe each
 GPU_RESERVE = 1e9  # CUDA context, kernels and allocator slack on each GPU, taken off the budget
 CPU_RUNTIME = 0.5e9  # Python + torch + transformers + DeepSpeed code of one CPU rank (~0.37 GB measured here)
 # What a CPU rank adds to its runtime while it sets up and trains besides model states and activations: DeepSpeed's
@@ -177,12 +187,20 @@ def probe_overrides(output_dir: str) -> list[str]:
             f"run.output_dir={output_dir}", "run.name=probe", "run.resume=never"]
 
 
-def probe(config: str, overrides: list[str], nproc: int) -> dict:
-    """Train PROBE_STEPS steps of the config through the launcher on this machine; measured figures."""
+def probe(config: str, overrides: list[str], nproc: int, threads: int | None = None) -> dict:
+    """Train PROBE_STEPS steps of the config through the launcher on this machine; measured figures. `threads`:
+    OMP_NUM_THREADS of each rank (default: the environment's, else the launcher's share of the cores).
+
+    tokens_per_s is the whole run's, all ranks together, over the same steps and clock as step_seconds: the growth of
+    `data/tokens_seen` in metrics.jsonl (each step's tokens summed over the ranks: the trainer all-reduces them) over
+    the growth of its `time` (rank 0's clock). Each record's `train/tokens_per_s` is the same count over one step's
+    interval; their mean would overweight the fast steps of a noisy machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with tempfile.TemporaryDirectory(prefix="reparam-plan-probe-") as tmp:
         command = [sys.executable, "-m", "launcher", "--config", config, "--nproc", str(nproc), *overrides,
                    *probe_overrides(tmp)]
-        proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+        proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                              env=env)
         run_dir = Path(tmp) / "probe"
         if proc.returncode != 0 or not (run_dir / layout.SUMMARY).is_file():
             raise RunError(f"probe run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -190,12 +208,12 @@ def probe(config: str, overrides: list[str], nproc: int) -> dict:
         records = [json.loads(line) for line in (run_dir / layout.METRICS).read_text().splitlines()]
         train = {r["step"]: r for r in records if "train/loss" in r}
         saves = [r["ckpt/save_seconds"] for r in records if "ckpt/save_seconds" in r]
-        step_s = (train[PROBE_STEPS]["time"] - train[PROBE_WARMUP]["time"]) / (PROBE_STEPS - PROBE_WARMUP)
+        timed = train[PROBE_STEPS]["time"] - train[PROBE_WARMUP]["time"]
+        tokens = train[PROBE_STEPS]["data/tokens_seen"] - train[PROBE_WARMUP]["data/tokens_seen"]
         checkpoint_bytes = sum(f.stat().st_size for f in Path(summary["checkpoint"]).rglob("*") if f.is_file())
-        tokens = sum(train[s]["train/tokens_per_s"] for s in range(PROBE_WARMUP + 1, PROBE_STEPS + 1))
     gpu = summary.get("peak_gpu_mem_gb")
     return {
-        "ranks": nproc, "step_seconds": step_s, "tokens_per_s": tokens / (PROBE_STEPS - PROBE_WARMUP),
+        "ranks": nproc, "step_seconds": timed / (PROBE_STEPS - PROBE_WARMUP), "tokens_per_s": tokens / timed,
         "save_seconds": saves[-1] if saves else None, "checkpoint_bytes": checkpoint_bytes,
         # Device memory on a GPU; on CPU the resident memory above what the rank held before building the model.
         "peak_bytes": gpu * 1e9 if gpu is not None else (summary["peak_rss_gb"] - summary["rss_before_model_gb"]) * 1e9,
@@ -209,11 +227,20 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def checkpoint_saves(cfg: config_lib.Config, plan: Plan) -> int:
+    """Checkpoints the configured run writes: one every checkpoint.every steps and the final one."""
+    return (plan.total_steps // cfg.checkpoint.every if cfg.checkpoint.every else 0) + 1
+
+
+def projected_wall(cfg: config_lib.Config, plan: Plan, measured: dict) -> float:
+    """Seconds the configured run would take at the measured step and save times (evaluation not included)."""
+    return plan.total_steps * measured["step_seconds"] + checkpoint_saves(cfg, plan) * (measured["save_seconds"] or 0)
+
+
 def render_probe(cfg: config_lib.Config, plan: Plan, measured: dict) -> str:
     predicted = plan.configured.total(plan.checkpointing)
     peak = measured["peak_bytes"]
-    saves = plan.total_steps // cfg.checkpoint.every if cfg.checkpoint.every else 0
-    wall = plan.total_steps * measured["step_seconds"] + (saves + 1) * (measured["save_seconds"] or 0)
+    wall = projected_wall(cfg, plan, measured)
     lines = [f"probe: {PROBE_STEPS} steps on this machine, {measured['ranks']} rank(s)",
              f"  {measured['tokens_per_s']:,.0f} tokens/s, {measured['step_seconds']:.3f} s per step "
              f"(steps {PROBE_WARMUP + 1}-{PROBE_STEPS})",
@@ -227,12 +254,117 @@ def render_probe(cfg: config_lib.Config, plan: Plan, measured: dict) -> str:
                          "MALLOC_MMAP_THRESHOLD_=131072 measures the live peak: docs/observability.md)")
     lines += [f"  checkpoint: {_mb(measured['checkpoint_bytes'])} MB on disk (predicted "
               f"{_mb(plan.checkpoint_bytes)} MB), saved in {measured['save_seconds'] or 0:.2f} s",
-              f"  projected wall time of {plan.total_steps:,} steps: {_duration(wall)} ({saves + 1} checkpoint "
-              f"saves included, evaluation not)"]
+              f"  projected wall time of {plan.total_steps:,} steps: {_duration(wall)} ({checkpoint_saves(cfg, plan)} "
+              f"checkpoint saves included, evaluation not)"]
     if measured["ranks"] != plan.world_size:
         lines.append(f"  (per-rank speed measured with {measured['ranks']} rank(s); the projection assumes it holds "
                      f"at {plan.world_size})")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to split this machine's cores for the run: `ranks` ranks of `threads` threads, with the gradient
+    accumulation that keeps the configured global batch."""
+    ranks: int
+    threads: int
+    grad_accum_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.ranks} rank(s) x {self.threads} thread(s)"
+
+    @property
+    def accum_override(self) -> str:
+        return f"train.grad_accum_steps={self.grad_accum_steps}"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a Slurm cgroup or taskset narrows them), as the launcher counts them."""
+    return len(os.sched_getaffinity(0))
+
+
+def global_batch(cfg: config_lib.Config, world_size: int) -> int:
+    """Samples per optimizer step of the planned run, as DeepSpeed's train_batch_size."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+
+
+def layouts(cores: int, micro_batch: int, batch: int, limit: int = MAX_LAYOUTS) -> tuple[list[Layout], list[int]]:
+    """(the layouts N ranks x cores/N threads to probe: N the divisors of `cores`, smallest first, at most `limit`,
+    each with the grad accumulation that keeps the global `batch`; the N passed over on the way because micro-batch
+    x N does not divide `batch`)."""
+    chosen, skipped = [], []
+    for ranks in (n for n in range(1, cores + 1) if cores % n == 0):
+        if len(chosen) == limit:
+            break
+        if batch % (micro_batch * ranks):
+            skipped.append(ranks)
+        else:
+            chosen.append(Layout(ranks, cores // ranks, batch // (micro_batch * ranks)))
+    return chosen, skipped
+
+
+def probe_layouts(config: str, overrides: list[str], chosen: list[Layout]) -> list[tuple[Layout, dict | None]]:
+    """Each layout's probe (None where its run failed: the reason goes to stderr), progress on stderr."""
+    results = []
+    for layout in chosen:
+        print(f"probing {layout.name}, grad accumulation {layout.grad_accum_steps} ...", file=sys.stderr, flush=True)
+        try:
+            results.append((layout, probe(config, [*overrides, layout.accum_override], layout.ranks,
+                                          threads=layout.threads)))
+        except RunError as exc:
+            print(f"{layout.name}: {exc}", file=sys.stderr, flush=True)
+            results.append((layout, None))
+    return results
+
+
+def fastest(results: list[tuple[Layout, dict | None]]) -> Layout | None:
+    """The layout with the most tokens/s of the whole machine (at an equal global batch: the shortest run)."""
+    measured = [(m["tokens_per_s"], layout) for layout, m in results if m is not None]
+    return max(measured, key=lambda pair: pair[0])[1] if measured else None
+
+
+def launch_command(config: str, overrides: list[str], layout: Layout, configured_accum: int) -> str:
+    """The launcher command that trains the configured run in `layout` (its grad accumulation where it differs from
+    the configured one)."""
+    accum = [layout.accum_override] if layout.grad_accum_steps != configured_accum else []
+    return shlex.join(["python", "-m", "launcher", "--config", config, "--nproc", str(layout.ranks), *overrides,
+                       *accum])
+
+
+def render_layouts(cfg: config_lib.Config, plan: Plan, cores: int, skipped: list[int],
+                   results: list[tuple[Layout, dict | None]], best: Layout | None, command: str) -> str:
+    """The skipped layouts, one table row per probed layout, and the `recommended:` line."""
+    batch = global_batch(cfg, plan.world_size)
+    micro = cfg.train.micro_batch_size
+    lines = [f"layouts: {PROBE_STEPS} steps each on this machine's {cores} usable core(s), global batch {batch} "
+             f"(micro-batch {micro} x grad accumulation x ranks) in every layout",
+             *(f"  skipped {n} rank(s) x {cores // n} thread(s): global batch {batch} is not a multiple of "
+               f"micro-batch {micro} x {n} rank(s) (a larger --world-size or train.grad_accum_steps includes it)"
+               for n in skipped),
+             f"  {'layout':<26}{'accum':>6}{'tokens/s':>11}{'s/step':>9}  projected wall ({plan.total_steps:,} steps)"]
+    for layout, m in results:
+        figures = (f"{m['tokens_per_s']:>11,.0f}{m['step_seconds']:>9.3f}  {_duration(projected_wall(cfg, plan, m))}"
+                   if m else "  probe failed (its output is above, on stderr)")
+        lines.append(f"  {layout.name:<26}{layout.grad_accum_steps:>6}{figures}")
+    lines.append("  (tokens/s: all ranks together; projected wall: steps at the measured s/step plus "
+                 f"{checkpoint_saves(cfg, plan)} checkpoint saves, evaluation not included)")
+    if os.environ.get("OMP_NUM_THREADS"):
+        lines.append(f"  (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} is set here and the launcher keeps it: "
+                     "unset it, or set it to the recommended threads, when you run the command below)")
+    lines.append(f"recommended: {best.name}: {command}" if best else "recommended: none (every probe failed)")
+    return "\n".join(lines)
+
+
+def run_layouts(cfg: config_lib.Config, plan: Plan, config: str, overrides: list[str]) -> bool:
+    """Probe every layout of this machine's cores and print the table and the recommendation; False if all failed."""
+    cores = usable_cores()
+    chosen, skipped = layouts(cores, cfg.train.micro_batch_size, global_batch(cfg, plan.world_size))
+    results = probe_layouts(config, overrides, chosen)
+    best = fastest(results)
+    command = launch_command(config, overrides, best, cfg.train.grad_accum_steps) if best else ""
+    print(render_layouts(cfg, plan, cores, skipped, results, best, command), flush=True)
+    return best is not None
 
 
 def planned_precision(requested: str, gpu: bool) -> precision_lib.Choice:
@@ -258,13 +390,22 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", action="store_true", help=f"also train {PROBE_STEPS} steps here and compare")
     parser.add_argument("--probe-nproc", type=int, help="ranks of the probe (default: the world size, at most "
                         "this machine's GPUs when it has any)")
+    parser.add_argument("--probe-layouts", action="store_true", help="CPU only: also probe every split of this "
+                        f"machine's cores into N ranks x cores/N threads (at most {MAX_LAYOUTS}) at the configured "
+                        "global batch and recommend the fastest")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for training")
     args = parser.parse_args(argv)
     if args.world_size is not None and args.world_size < 1:
         parser.error(f"--world-size must be >= 1, got {args.world_size}")
+    if args.probe_layouts and args.gpu_mem_gb is not None:
+        parser.error("--probe-layouts measures this CPU machine; it does not go with --gpu-mem-gb (a plan for GPUs)")
     try:
         import torch
 
+        if args.probe_layouts and torch.cuda.is_available():
+            print(f"error: --probe-layouts is for CPU-only machines; this one has {torch.cuda.device_count()} CUDA "
+                  "GPU(s), where a run takes one rank per GPU: use --probe", file=sys.stderr)
+            return exit_codes.USAGE
         world = args.world_size or max(1, torch.cuda.device_count())
         gpu = args.gpu_mem_gb is not None or torch.cuda.is_available()
         cfg = config_lib.load(args.config, args.overrides)
@@ -275,6 +416,8 @@ def main(argv=None) -> int:
         if args.probe:
             nproc = args.probe_nproc or (min(world, torch.cuda.device_count()) if torch.cuda.is_available() else world)
             print(render_probe(cfg, plan, probe(args.config, args.overrides, nproc)), flush=True)
+        if args.probe_layouts and not run_layouts(cfg, plan, args.config, args.overrides):
+            raise RunError("every layout's probe failed (their output is above, on stderr)")
     except (RunError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exit_codes.USAGE
