@@ -8,7 +8,7 @@
   leaves it (`tok`, `cls_model`, `lm_model`, `fake_run`), and a planted checkpoint holding a live pickle payload
   (`Payload`, `evil`).
 - `run_data_prep`: `python -m data_prep` as a separate process, for the tests of its process behaviour (tests/cli/).
-- Real tokenizer and model files of four families (`real_model_dir`, tests/real_files.py), and hypothesis settings
+- Real tokenizer and model files of several families (`real_model_dir`, tests/real_files.py), and hypothesis settings
   and a scratch directory for the property-based tests (`fuzz_settings`, `scratch`).
 """
 

