@@ -232,6 +232,11 @@ def checkpoint_saves(cfg: config_lib.Config, plan: Plan) -> int:
     return (plan.total_steps // cfg.checkpoint.every if cfg.checkpoint.every else 0) + 1
 
 
+def _saves(cfg: config_lib.Config, plan: Plan) -> str:
+    saves = checkpoint_saves(cfg, plan)
+    return f"{saves} checkpoint save{'' if saves == 1 else 's'}"
+
+
 def projected_wall(cfg: config_lib.Config, plan: Plan, measured: dict) -> float:
     """Seconds the configured run would take at the measured step and save times (evaluation not included)."""
     return plan.total_steps * measured["step_seconds"] + checkpoint_saves(cfg, plan) * (measured["save_seconds"] or 0)
@@ -254,8 +259,8 @@ def render_probe(cfg: config_lib.Config, plan: Plan, measured: dict) -> str:
                          "MALLOC_MMAP_THRESHOLD_=131072 measures the live peak: docs/observability.md)")
     lines += [f"  checkpoint: {_mb(measured['checkpoint_bytes'])} MB on disk (predicted "
               f"{_mb(plan.checkpoint_bytes)} MB), saved in {measured['save_seconds'] or 0:.2f} s",
-              f"  projected wall time of {plan.total_steps:,} steps: {_duration(wall)} ({checkpoint_saves(cfg, plan)} "
-              f"checkpoint saves included, evaluation not)"]
+              f"  projected wall time of {plan.total_steps:,} steps: {_duration(wall)} ({_saves(cfg, plan)} "
+              f"included, evaluation not)"]
     if measured["ranks"] != plan.world_size:
         lines.append(f"  (per-rank speed measured with {measured['ranks']} rank(s); the projection assumes it holds "
                      f"at {plan.world_size})")
@@ -348,7 +353,7 @@ def render_layouts(cfg: config_lib.Config, plan: Plan, cores: int, skipped: list
                    if m else "  probe failed (its output is above, on stderr)")
         lines.append(f"  {layout.name:<26}{layout.grad_accum_steps:>6}{figures}")
     lines.append("  (tokens/s: all ranks together; projected wall: steps at the measured s/step plus "
-                 f"{checkpoint_saves(cfg, plan)} checkpoint saves, evaluation not included)")
+                 f"{_saves(cfg, plan)}, evaluation not included)")
     if os.environ.get("OMP_NUM_THREADS"):
         lines.append(f"  (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} is set here and the launcher keeps it: "
                      "unset it, or set it to the recommended threads, when you run the command below)")
