@@ -38,7 +38,7 @@ def references(tiny_data, tmp_path_factory):
     return get
 
 
-def test_the_stages_below_are_every_shipped_zero_preset():
+def test_the_tested_stages_are_every_shipped_zero_preset():
     assert sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")) == [f"zero{s}.json" for s in STAGES]
 
 
