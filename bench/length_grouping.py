@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.finetune_classify import contention, cpu_description, free_port, run_logged, wait_for_quiet  # noqa: E402
+from bench.common import contention, cpu_description, free_port, run_logged, wait_for_quiet  # noqa: E402
 
 CONFIG = "configs/sft_full.yaml"
 MODEL = "{n_layer: 4, n_embd: 256, n_head: 4, n_positions: 256}"

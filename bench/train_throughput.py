@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port  # noqa: E402
 
 BASE_CONFIG = "configs/quickstart.yaml"
 # The models the bench can train, each from a transformers config, with the vocabulary of its random token ids.
@@ -63,12 +64,6 @@ RUN_SEED = 1234  # run.seed of our runs and --seed of the baseline; --seed-sprea
 # DeepSpeed's launcher (what the `deepspeed` command runs) from this interpreter: also where DeepSpeed was installed
 # with `pip --target` and has no command on the PATH (bench/gpu_check.sh on a GPU machine without a package index).
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_random_shards(out_dir: Path, num_tokens: int, vocab: int, seed: int = DATA_SEED) -> Path:
